@@ -1,0 +1,262 @@
+"""The run configuration: one pydantic schema, loaded as base.yaml + experiment file + dotted overrides.
+
+    cfg = load_config("configs/experiments/tiny_kd.yaml", ["train.optimizer.lr=1e-3", "kd.temperature=2"])
+
+`configs/base.yaml` holds the fixed defaults every experiment shares (seed, token budget, optimizer,
+energy, tracking); an experiment file overrides part of it; `key.path=value` overrides from the command
+line come last (values parsed as YAML scalars). Unknown keys and bad values raise `ConfigError` naming
+the dotted path, where the value came from and why it is wrong; the CLI turns that into exit code 2
+before anything is started.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = PROJECT_ROOT / "configs" / "base.yaml"
+DEFAULT_EXPERIMENT = PROJECT_ROOT / "configs" / "experiments" / "tiny_kd.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as the one line the user sees."""
+
+
+class Strict(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    model: str = Field(
+        description="Hugging Face model id, local model dir, or tinyworld:<name> for the embedded models"
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a model id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype when loading; auto = bfloat16 on a bf16-capable GPU, else float32"
+    )
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
+    train: str = Field(
+        description="prompt/completion JSON-lines file, or tinyworld:<split> for the embedded corpus"
+    )
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    max_length: int = Field(256, ge=8, description="sequences are truncated to this many tokens")
+    max_samples: int | None = Field(None, ge=1, description="use only the first N records")
+    supervise: Literal["completion", "all"] = Field(
+        "completion", description="positions that get a loss and cached teacher log-probs"
+    )
+
+
+class LogitCacheConfig(Strict):
+    top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per supervised position")
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(256, ge=1, description="sequences per shard; resume granularity")
+    logprob_dtype: Literal["float32", "float16"] = "float32"
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Strict):
+    token_budget: int = Field(
+        ge=1, description="training stops once this many non-padding input tokens have been processed"
+    )
+    max_steps: int | None = Field(None, ge=1, description="optional hard cap on optimizer steps")
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+class KDConfig(Strict):
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(
+        0.5, ge=0, le=1, description="loss = ce_weight * CE + (1 - ce_weight) * T^2 * KL(teacher || student)"
+    )
+
+
+class EvalConfig(Strict):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names (local YAMLs in task_dir)")
+    task_dir: str = Field("configs/tasks", description="folder of lm-eval task YAMLs, relative to the project")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N documents per task")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(32, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EnergyConfig(Strict):
+    enabled: bool = True
+    codecarbon: bool = Field(True, description="CPU/RAM estimate and CO2e from CodeCarbon's offline tracker")
+    country_iso_code: str = Field("USA", min_length=3, max_length=3, description="grid for CO2e (ISO 3166 alpha-3)")
+
+
+class TrackingConfig(Strict):
+    experiment_name: str = "dist-bench"
+    reuse_stages: bool = Field(True, description="reuse a FINISHED stage run with identical inputs")
+    log_checkpoints: Literal["none", "last", "all"] = "last"
+
+
+class OutputConfig(Strict):
+    run_dir: str = Field("runs", description="working files of every stage (caches, checkpoints, models)")
+
+
+class RunConfig(Strict):
+    name: str = Field(description="short name of the experiment; the parent run's name")
+    pipeline: Literal["kd"] = "kd"
+    seed: int = 42
+    teacher: ModelSpec
+    student: ModelSpec
+    data: DataConfig
+    logits: LogitCacheConfig = LogitCacheConfig()
+    train: TrainConfig
+    kd: KDConfig = KDConfig()
+    eval: EvalConfig
+    energy: EnergyConfig = EnergyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_word(cls, value: str) -> str:
+        if not value or any(c.isspace() or c == "/" for c in value):
+            raise ValueError("must be non-empty without spaces or '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _cuda_precision(self) -> RunConfig:
+        if self.train.precision == "bf16" and self.train.device == "cpu":
+            raise ValueError("train.precision=bf16 needs train.device cuda or auto")
+        return self
+
+    def flat(self) -> dict[str, str]:
+        """Dotted key -> string value, the form MLflow params take."""
+        return flatten(self.model_dump(mode="json"))
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+def config_hash(tree: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(experiment: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """base.yaml, then the experiment file, then `a.b=value` overrides; validated as a whole."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # dotted path -> where its value came from, for error messages
+    for path in [BASE_CONFIG, Path(experiment) if experiment else DEFAULT_EXPERIMENT]:
+        _merge(merged, _read_yaml(path), origin, str(_display(path)))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _merge(merged, _nest(key, value), origin, f"override '{item}'")
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, origin)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{_display(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_display(path)}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}': expected dotted.key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    tree: Any = value
+    for part in reversed(dotted.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, source, path + ".")
+        else:
+            into[key] = copy.deepcopy(value)
+            origin[path] = source
+            for nested in [p for p in origin if p.startswith(path + ".")]:
+                origin[nested] = source
+
+
+def _one_line(err: ValidationError, origin: dict[str, str]) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(part) for part in first["loc"]) or "<config>"
+    source = _source_of(path, origin)
+    reason = first["msg"]
+    if first["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif first["type"] == "missing":
+        reason = "required key is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    where = f" (from {source})" if source else ""
+    return f"config: {path}{where}: {reason}{more}"
+
+
+def _source_of(path: str, origin: dict[str, str]) -> str | None:
+    while path:
+        if path in origin:
+            return origin[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+def _display(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path

@@ -1,0 +1,237 @@
+"""Quality: lm-eval's harness on the task YAMLs in `configs/tasks/`, with the tokens the model read and wrote.
+
+    outcome = run_lm_eval("tinyworld:teacher", cfg.eval, Path("runs/eval"))
+    outcome.metrics  # {"tiny_arith/exact_match": 0.93, "tiny_arith/exact_match_stderr": 0.02, ...}
+
+Tasks are looked up by name among the YAMLs in `cfg.task_dir` only (indexing lm-eval's ~15k built-in
+YAMLs costs ~20 s; to run a built-in task, put a YAML for it in task_dir). Relative `data_files` in a
+YAML are resolved against that YAML's folder, so a task runs the same from any working directory.
+The model goes through lm-eval's own `HFLM` (transformers), subclassed only to count tokens for the
+eval stage's `tokens` and J/token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader (0.4.13): `include:`, `!function`
+from lm_eval.utils import handle_non_serializable
+
+from dist_bench.config import PROJECT_ROOT, EvalConfig
+from dist_bench.models import pick_device, pick_dtype, resolve_model
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class EvalOutcome:
+    metrics: dict[str, float]  # "<task>/<metric>" (and "<task>/<metric>_stderr") -> value
+    results: dict  # lm-eval's output less the per-sample records, JSON-serialisable
+    prefill_tokens: int  # tokens the model read: prompts; context + continuation (less its last token)
+    decode_tokens: int  # tokens the model generated
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+
+class CountingHFLM(HFLM):
+    """lm-eval's HF model, counting the non-padding tokens it reads and the tokens it generates.
+
+    lm-eval reports no token counts, and the eval stage's energy is divided by them (J/token). The counts
+    are of the work actually done: log-likelihood requests that lm-eval answers from one forward pass
+    (its one-token-continuation logits cache: the four letters of a multiple-choice question) count once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
+
+    def _select_cont_toks(
+        self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None
+    ) -> torch.Tensor:
+        # Log-likelihood batches reach _model_call right-padded with id 0 and without an attention mask,
+        # so padding is indistinguishable there from a real token 0. This hook runs once per row of every
+        # such batch, right after the forward pass, with that row's unpadded length.
+        self.prefill_tokens += inplen or 0
+        return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
+
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        mask = kwargs.get("attention_mask")  # prompts are left-padded; the mask marks the real tokens
+        self.prefill_tokens += int(mask.sum()) if mask is not None else context.numel()
+        output = super()._model_generate(context, max_length, stop, **kwargs)
+        # transformers fills a row with pad tokens once it has emitted EOS (the EOS itself is missed
+        # when pad == eos); rows that hit a stop string keep generating until the whole batch stops,
+        # and that work is counted because it was done.
+        new = output[:, context.shape[1] :]
+        pad = self.tokenizer.pad_token_id
+        self.decode_tokens += int((new != pad).sum()) if pad is not None else new.numel()
+        return output
+
+
+def run_lm_eval(
+    model: str,
+    cfg: EvalConfig,
+    output_dir: Path,
+    seed: int = 42,
+    dtype: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> EvalOutcome:
+    """Evaluate a model spec (tinyworld:<name>, local dir, Hub id, runs:/ URI) on cfg.tasks; write results."""
+    _quiet_lm_eval()
+    manager = TaskManager(include_path=str(task_dir_path(cfg.task_dir)), include_defaults=False)
+    tasks = task_specs(cfg.tasks, manager)
+    device = pick_device(cfg.device)
+    lm = CountingHFLM(
+        pretrained=resolve_model(model),
+        revision=revision or "main",
+        device=str(device),
+        dtype=pick_dtype(dtype, device),
+        batch_size=cfg.batch_size,
+        trust_remote_code=trust_remote_code,
+    )
+    raw = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    results = _json_safe({key: value for key, value in raw.items() if key != "samples"})
+    write_results(results, Path(output_dir))
+    return EvalOutcome(
+        metrics=flat_metrics(results),
+        results=results,
+        prefill_tokens=lm.prefill_tokens,
+        decode_tokens=lm.decode_tokens,
+    )
+
+
+def task_dir_path(task_dir: str | Path) -> Path:
+    path = Path(task_dir).expanduser()
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"eval.task_dir: {path} is not a folder")
+    return path
+
+
+def task_specs(names: list[str], manager: TaskManager) -> list[dict[str, Any] | str]:
+    """What simple_evaluate takes for each name: a task's config with its data paths made absolute."""
+    specs: list[dict[str, Any] | str] = []
+    for name in names:
+        entry = manager.task_index.get(name)
+        if entry is None:
+            known = ", ".join(sorted(manager.all_tasks)) or "none"
+            raise ValueError(
+                f"unknown lm-eval task '{name}': no YAML in the task dir defines it (known: {known})"
+            )
+        if name in manager.all_subtasks and entry.yaml_path is not None:
+            specs.append(task_config(Path(entry.yaml_path)))
+        else:  # a group or tag of the task dir: lm-eval builds it by name
+            specs.append(name)
+    return specs
+
+
+def task_config(yaml_path: Path) -> dict[str, Any]:
+    """A task YAML as a config dict, with relative data_files (and a relative local dataset_path) resolved
+    against the YAML's folder, and every local data file checked to exist."""
+    cfg = load_yaml(yaml_path, resolve_func=True)
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if kwargs.get("data_files") is not None:
+        kwargs["data_files"] = _map_paths(
+            kwargs["data_files"], lambda p: _data_file(p, yaml_path, cfg["task"])
+        )
+    if isinstance(cfg.get("metadata"), dict):  # provenance: lm-eval records dict tasks as "inline"
+        cfg["metadata"]["yaml_path"] = str(yaml_path)
+    dataset_path = str(cfg.get("dataset_path", ""))
+    if dataset_path.startswith(("./", "../")):  # a local dataset folder: also relative to the YAML
+        cfg["dataset_path"] = str((yaml_path.parent / dataset_path).resolve())
+    return cfg
+
+
+def _map_paths(files: Any, fn: Callable[[str], str]) -> Any:
+    # data_files may be a path, a list of paths, or a {split: path or list} mapping (datasets' forms).
+    if isinstance(files, dict):
+        return {split: _map_paths(value, fn) for split, value in files.items()}
+    if isinstance(files, list | tuple):
+        return [fn(str(p)) for p in files]
+    return fn(str(files))
+
+
+def _data_file(path: str, yaml_path: Path, task: str) -> str:
+    if "://" in path:  # hf://, s3://, https://: datasets fetches those itself
+        return path
+    resolved = (yaml_path.parent / Path(path).expanduser()).resolve()
+    if not _GLOB_CHARS & set(path) and not resolved.is_file():
+        raise FileNotFoundError(f"task '{task}': data file {resolved} not found (data_files in {yaml_path})")
+    return str(resolved)
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's {"task": {"exact_match,strict-match": v, "exact_match_stderr,strict-match": s}} as
+    {"task/exact_match": v, "task/exact_match_stderr": s}. The filter name is kept, as
+    "task/<filter>/<metric>", only where a task reports one metric under several filters (gsm8k's
+    strict-match and flexible-extract); non-finite stderrs ("N/A" on one document) are left out."""
+    metrics: dict[str, float] = {}
+    for task, row in results.get("results", {}).items():
+        filters: dict[str, set[str]] = {}
+        for key in row:
+            metric, _, filter_name = key.partition(",")
+            filters.setdefault(metric.removesuffix("_stderr"), set()).add(filter_name)
+        for key, value in row.items():
+            metric, sep, filter_name = key.partition(",")
+            if not sep or not _finite_number(value):
+                continue  # "alias", "sample_len", "N/A" stderrs, NaN
+            several = len(filters[metric.removesuffix("_stderr")]) > 1
+            metrics[f"{task}/{filter_name}/{metric}" if several else f"{task}/{metric}"] = float(value)
+    return metrics
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def write_results(results: dict[str, Any], output_dir: Path) -> None:
+    """output_dir/results.json (everything) and output_dir/tasks/<task>.json (one task's share of it)."""
+    (output_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    sections = {"config": "configs", "version": "versions", "n-shot": "n-shot", "n-samples": "n-samples"}
+    sections["higher_is_better"] = "higher_is_better"
+    for task, row in results.get("results", {}).items():
+        part = {"task": task, "results": row}
+        part.update(
+            {name: results[key][task] for name, key in sections.items() if task in results.get(key, {})}
+        )
+        filename = task.replace("/", "_") + ".json"
+        (output_dir / "tasks" / filename).write_text(json.dumps(part, indent=2, sort_keys=True))
+
+
+def _json_safe(tree: dict[str, Any]) -> dict[str, Any]:
+    # lm-eval's output holds numpy numbers, dtypes and (for !function tasks) callables.
+    return json.loads(json.dumps(tree, default=handle_non_serializable))
+
+
+def _quiet_lm_eval() -> None:
+    # lm-eval logs every task, seed and device choice at INFO; leave that to LMEVAL_LOG_LEVEL=INFO.
+    if not os.environ.get("LMEVAL_LOG_LEVEL"):
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)

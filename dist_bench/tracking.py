@@ -1,0 +1,412 @@
+"""MLflow: the parent run of a pipeline, one nested child run per stage, stage reuse, and the roll-up.
+
+    with pipeline_run(cfg, pipeline="kd", run_name=cfg.name) as parent:
+        cache = execute_stage(parent, "logit_caching", params, work=...)   # a StageResult
+        ...
+    # parent carries <stage>/<metric>, total/<metric>, eval/<task>/<metric> and experiment_summary.json
+
+A stage is reused, not recomputed, when a FINISHED run of the same stage id exists whose params (compared
+as strings, as MLflow's multistep example does) and code version match and whose outputs are still on
+disk with the recorded content hashes; upstream outputs enter the params as their hashes, so a changed
+teacher cache invalidates everything downstream. Stage working files live in
+`<output.run_dir>/<stage>/<stage key>/`; a stage killed half-way resumes from them on the next call.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow.entities import Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from dist_bench import environment
+from dist_bench.config import RunConfig, config_hash
+from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ROLE = "dist_bench.role"
+STAGE = "dist_bench.stage"
+STAGE_KEY = "dist_bench.stage_key"
+ENERGY_PROGRESS = "energy_progress.json"  # energy of earlier, interrupted attempts of a stage
+DONE = "DONE.json"  # written last: the stage's outputs are complete
+
+
+@dataclass
+class StageWork:
+    """What a stage's work function returns."""
+
+    tokens: int
+    outputs: dict[str, Path]  # name -> file or dir; logged as artifacts, handed to later stages
+    fingerprints: dict[str, str]  # name -> content hash, for the reuse keys of later stages
+    metrics: dict[str, float] = field(default_factory=dict)  # stage-specific metrics for the run and parent
+    details: dict[str, Any] = field(default_factory=dict)  # extra fields for stages/<stage>.json
+    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact dir -> local path, beyond outputs
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_id: str
+    reused: bool
+    outputs: dict[str, Path]
+    fingerprints: dict[str, str]
+    metrics: dict[str, float]  # energy/time/token metrics and the stage's own
+    summary: dict[str, Any]  # the content of stages/<stage>.json
+
+
+@dataclass
+class StageContext:
+    """Handed to a stage's work function."""
+
+    stage: str
+    run_id: str
+    stage_dir: Path  # persistent working files: resume reads them back
+    window: EnergyWindow
+    prior_energy: EnergyReading | None  # committed energy of earlier interrupted attempts
+
+    def energy_so_far(self) -> EnergyReading:
+        current = self.window.read()
+        return self.prior_energy + current if self.prior_energy else current
+
+    def commit_energy(self) -> None:
+        """Call right after committing work to disk: a later resume then counts the energy spent on it."""
+        _write_json_atomic(self.stage_dir / ENERGY_PROGRESS, self.energy_so_far().to_dict())
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        MlflowClient().log_batch(
+            self.run_id, metrics=[_metric(k, v, step) for k, v in metrics.items()], synchronous=True
+        )
+
+
+@dataclass
+class ParentRun:
+    run_id: str
+    cfg: RunConfig
+    pipeline: str
+    stages: list[StageResult] = field(default_factory=list)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def code_version() -> str:
+    """Git commit of the dist_bench checkout; a dirty tree adds a hash of its diff (or the package version)."""
+    checkout = Path(__file__).resolve().parent.parent
+    commit, dirty = environment.git_state(checkout)
+    if commit is None:
+        from importlib.metadata import version
+
+        return f"dist-bench=={version('dist-bench')}"
+    if not dirty:
+        return commit
+    # Uncommitted edits change what the code does: key them by the diff of the package source.
+    diff = subprocess.run(
+        ["git", "diff", "HEAD", "--", "dist_bench"], cwd=checkout, capture_output=True, check=False
+    ).stdout
+    return f"{commit}+dirty.{hashlib.sha256(diff).hexdigest()[:12]}"
+
+
+@contextmanager
+def pipeline_run(cfg: RunConfig, pipeline: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[ParentRun]:
+    """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
+    mlflow.set_tracking_uri(tracking_uri())
+    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        mlflow.set_experiment(cfg.tracking.experiment_name)  # under `mlflow run` the run already has one
+    run = mlflow.start_run(run_name=run_name)
+    parent = ParentRun(run.info.run_id, cfg, pipeline)
+    try:
+        commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
+        mlflow.set_tags(
+            {
+                ROLE: "pipeline",
+                "dist_bench.pipeline": pipeline,
+                "dist_bench.config_hash": cfg.hash(),
+                "dist_bench.git_commit": commit or "none",
+                "dist_bench.git_dirty": str(dirty).lower(),
+                **(tags or {}),
+            }
+        )
+        _log_params(parent.run_id, cfg.flat())
+        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/merged.yaml")
+        mlflow.log_dict(environment.snapshot(), "environment.json")
+        yield parent
+        _log_rollup(parent)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        mlflow.set_tag("dist_bench.error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run(status)
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def execute_stage(
+    parent: ParentRun,
+    stage: str,
+    params: dict[str, str],
+    work: Callable[[StageContext], StageWork],
+    tags: dict[str, str] | None = None,
+) -> StageResult:
+    """Reuse a matching finished run of this stage, or run `work` in a nested, energy-tracked child run."""
+    cfg = parent.cfg
+    params = {**params, "code_version": code_version()}
+    key = config_hash({"stage": stage, "params": params})
+    stage_dir = Path(cfg.output.run_dir).resolve() / stage / key
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # One process per stage key at a time: a second pipeline with the same inputs waits, then reuses.
+    with _locked(stage_dir.parent / f"{key}.lock"):
+        if cfg.tracking.reuse_stages and (reusable := _find_reusable(stage, key, params, stage_dir)):
+            result = _reuse(parent, stage, reusable, stage_dir)
+        else:
+            if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
+                shutil.rmtree(stage_dir)
+                stage_dir.mkdir(parents=True)
+            result = _run(parent, stage, key, params, stage_dir, work, tags or {})
+    parent.stages.append(result)
+    _log_stage_rollup(parent, result)
+    return result
+
+
+def _run(
+    parent: ParentRun,
+    stage: str,
+    key: str,
+    params: dict[str, str],
+    stage_dir: Path,
+    work: Callable[[StageContext], StageWork],
+    tags: dict[str, str],
+) -> StageResult:
+    cfg = parent.cfg
+    interrupted = _mark_interrupted_attempts(key)
+    prior = _read_prior_energy(stage_dir)
+    started = _now()
+    with mlflow.start_run(run_name=stage, nested=True) as run:
+        run_id = run.info.run_id
+        mlflow.set_tags(
+            {
+                ROLE: "stage",
+                STAGE: stage,
+                STAGE_KEY: key,
+                "dist_bench.pipeline": parent.pipeline,
+                "dist_bench.git_commit": parent_tag(parent, "dist_bench.git_commit"),
+                "dist_bench.code_version": params["code_version"],
+                "dist_bench.stage_dir": str(stage_dir),
+                **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
+                **tags,
+            }
+        )
+        _log_params(run_id, params)
+        window = EnergyWindow(cfg.energy, stage_dir, stage)
+        with window:
+            ctx = StageContext(stage, run_id, stage_dir, window, prior)
+            done = work(ctx)
+        energy = prior + window.reading if prior else window.reading
+        metrics = {**stage_metrics(energy, done.tokens), **done.metrics}
+        summary = _stage_summary(stage, run_id, started, energy, done, metrics, bool(prior), stage_dir)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(stage_tags(energy))
+        mlflow.set_tags({f"dist_bench.fingerprint.{name}": value for name, value in done.fingerprints.items()})
+        mlflow.log_dict(summary, f"stages/{stage}.json")
+        for name, path in {**done.outputs, **done.artifacts}.items():
+            _log_artifact(path, name)
+        _write_json_atomic(stage_dir / f"{stage}.json", summary)
+        _write_json_atomic(stage_dir / DONE, {"run_id": run_id, "fingerprints": done.fingerprints})
+    return StageResult(stage, run_id, False, done.outputs, done.fingerprints, metrics, summary)
+
+
+def _reuse(parent: ParentRun, stage: str, run: Any, stage_dir: Path) -> StageResult:
+    done = json.loads((stage_dir / DONE).read_text())
+    summary = json.loads((stage_dir / f"{stage}.json").read_text())
+    outputs = {name: stage_dir / rel for name, rel in summary["outputs"].items()}
+    mlflow.set_tag(f"dist_bench.reused.{stage}", run.info.run_id)
+    return StageResult(stage, run.info.run_id, True, outputs, done["fingerprints"], dict(run.data.metrics), summary)
+
+
+def _find_reusable(stage: str, key: str, params: dict[str, str], stage_dir: Path) -> Any | None:
+    """The newest FINISHED run with this stage key, equal params and outputs intact on disk."""
+    if not (stage_dir / DONE).exists():
+        return None
+    done = json.loads((stage_dir / DONE).read_text())
+    runs = MlflowClient().search_runs(
+        experiment_ids=_all_experiment_ids(),
+        filter_string=f"tags.`{STAGE_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    for run in runs:
+        same_params = run.data.params == params  # strings against strings, like MLflow's multistep example
+        same_outputs = all(
+            run.data.tags.get(f"dist_bench.fingerprint.{name}") == value for name, value in done["fingerprints"].items()
+        )
+        if run.data.tags.get(STAGE) == stage and same_params and same_outputs and run.info.run_id == done["run_id"]:
+            return run
+    return None
+
+
+def _mark_interrupted_attempts(key: str) -> list[str]:
+    """Earlier attempts still RUNNING died without ending their run (we hold the stage lock): mark them."""
+    client = MlflowClient()
+    runs = client.search_runs(
+        experiment_ids=_all_experiment_ids(),
+        filter_string=f"tags.`{STAGE_KEY}` = '{key}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]
+
+
+def _log_stage_rollup(parent: ParentRun, result: StageResult) -> None:
+    client = MlflowClient()
+    rollup = {}
+    for name, value in result.metrics.items():
+        rollup[name if name.startswith("eval/") else f"{result.stage}/{name}"] = value
+    client.log_batch(parent.run_id, metrics=[_metric(k, v) for k, v in rollup.items()], synchronous=True)
+    client.set_tag(parent.run_id, f"dist_bench.stage_run.{result.stage}", result.run_id)
+    for component in ("gpu", "cpu", "ram"):
+        source = result.summary.get("energy_sources", {}).get(component)
+        if source:
+            client.set_tag(parent.run_id, f"{result.stage}/energy.{component}.source", source)
+
+
+TOTALS = ("duration_s", "tokens", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "total_energy_j", "co2e_kg")
+
+
+def _log_rollup(parent: ParentRun) -> None:
+    """total/<metric> over the stages; a component absent in any stage is absent from the total."""
+    totals: dict[str, float] = {}
+    for name in TOTALS:
+        values = [s.metrics.get(name) for s in parent.stages]
+        if values and all(v is not None for v in values):
+            totals[name] = float(sum(values))  # type: ignore[arg-type]
+    if "total_energy_j" in totals:
+        totals["total_energy_kwh"] = totals["total_energy_j"] / 3.6e6
+        if totals.get("tokens"):
+            totals["j_per_token"] = totals["total_energy_j"] / totals["tokens"]
+    if totals.get("duration_s") and totals.get("tokens"):
+        totals["tokens_per_s"] = totals["tokens"] / totals["duration_s"]
+    MlflowClient().log_batch(parent.run_id, metrics=[_metric(f"total/{k}", v) for k, v in totals.items()])
+    summary = {
+        "pipeline": parent.pipeline,
+        "run_id": parent.run_id,
+        "config_hash": parent.cfg.hash(),
+        "total_energy_kwh": totals.get("total_energy_kwh"),
+        "total_energy_joules": totals.get("total_energy_j"),
+        "total_duration_seconds": totals.get("duration_s"),
+        "total_tokens": totals.get("tokens"),
+        "co2e_kg": totals.get("co2e_kg"),
+        "stages": {s.stage: {**s.summary, "reused": s.reused, "run_id": s.run_id} for s in parent.stages},
+    }
+    mlflow.log_dict(summary, "experiment_summary.json")
+    out = Path(parent.cfg.output.run_dir).resolve() / "pipelines" / parent.run_id
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "experiment_summary.json", summary)
+
+
+def _stage_summary(
+    stage: str,
+    run_id: str,
+    started: str,
+    energy: EnergyReading,
+    done: StageWork,
+    metrics: dict[str, float],
+    resumed: bool,
+    stage_dir: Path,
+) -> dict[str, Any]:
+    """stages/<stage>.json, with seed 003's field names."""
+    return {
+        "stage": stage,
+        "run_id": run_id,
+        "started_at": started,
+        "ended_at": _now(),
+        "resumed": resumed,
+        "duration_seconds": energy.duration_s,
+        "tokens_processed": done.tokens,
+        "tokens_per_second": metrics.get("tokens_per_s"),
+        "gpu_energy_joules": energy.gpu_energy_j,
+        "cpu_energy_joules": energy.cpu_energy_j,
+        "ram_energy_joules": energy.ram_energy_j,
+        "total_energy_joules": energy.total_energy_j,
+        "total_energy_kwh": metrics.get("total_energy_kwh"),
+        "joules_per_token": metrics.get("j_per_token"),
+        "co2e_kg": energy.co2e_kg,
+        "energy_sources": {"gpu": energy.gpu_source, "cpu": energy.cpu_source, "ram": energy.ram_source},
+        "energy_notes": energy.notes,
+        "energy": energy.to_dict(),
+        "metrics": metrics,
+        "fingerprints": done.fingerprints,
+        # Relative to the stage dir, which may move between machines.
+        "outputs": {name: str(path.relative_to(stage_dir)) for name, path in done.outputs.items()},
+        **done.details,
+    }
+
+
+def parent_tag(parent: ParentRun, name: str) -> str:
+    return MlflowClient().get_run(parent.run_id).data.tags.get(name, "")
+
+
+def _read_prior_energy(stage_dir: Path) -> EnergyReading | None:
+    file = stage_dir / ENERGY_PROGRESS
+    return EnergyReading.from_dict(json.loads(file.read_text())) if file.exists() else None
+
+
+def _log_params(run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in params.items()]
+    client = MlflowClient()
+    for start in range(0, len(items), 100):  # the tracking API takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start : start + 100], synchronous=True)
+
+
+def _log_artifact(path: Path, name: str) -> None:
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), name)
+    else:
+        mlflow.log_artifact(str(path), name if "/" in name else None)
+
+
+def _metric(key: str, value: float, step: int = 0) -> Any:
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def _all_experiment_ids() -> list[str]:
+    return [e.experiment_id for e in MlflowClient().search_experiments()]
+
+
+@contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    with lock_file.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+    os.replace(handle.name, path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+__all__ = ["RunStatus", "StageContext", "StageResult", "StageWork", "execute_stage", "pipeline_run", "tracking_uri"]
