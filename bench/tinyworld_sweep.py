@@ -1,48 +1,115 @@
-# Learnability sweep for the tiny world: steps (not seconds) to accuracy, per student/task config.
-import sys, time, json, torch, random, os
+# Learnability sweep for the tiny world: optimizer steps (not seconds) to accuracy, per student shape,
+# learning rate and task range, with plain cross-entropy (a lower bound for KD). Run on a GPU to explore,
+# then multiply by the CPU step time to size the demo. Results: docs/benchmarks.md.
+#   python bench/tinyworld_sweep.py '[{"d":64,"L":2,"lr":0.003,"bs":32,"amax":49,"steps":3000,"every":250}]'
+
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
 sys.path.insert(0, os.getcwd())
 from pathlib import Path
-from dist_bench.tinyworld.tokenizer import build_tokenizer
-from dist_bench.tinyworld import data as D
+
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from dist_bench.tinyworld import data as D
+from dist_bench.tinyworld.tokenizer import build_tokenizer
+
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 tok = build_tokenizer()
+
+
 def run(d, L, lr, bs, amax, steps, every, seed=0):
-    torch.manual_seed(seed); D.ARITH_MAX = amax
-    paths = D.write_corpus(Path(f"/tmp/sweepdata{amax}"))
-    recs = [json.loads(l) for l in open(paths["kd_train"])]
+    torch.manual_seed(seed)
+    D.ARITH_MAX = amax
+    paths = D.write_corpus(Path(f"/tmp/sweepdata{amax}-{os.getpid()}")  # one dir per process: parallel runs raced)
+    recs = [json.loads(line) for line in Path(paths["kd_train"]).read_text().splitlines()]
     encs = []
     for r in recs:
-        p = tok(r["prompt"])["input_ids"]; c = tok(r["completion"])["input_ids"] + [tok.eos_token_id]
-        encs.append((p + c, [-100]*len(p) + c))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=4, intermediate_size=4*d, max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True)
+        p = tok(r["prompt"])["input_ids"]
+        c = tok(r["completion"])["input_ids"] + [tok.eos_token_id]
+        encs.append((p + c, [-100] * len(p) + c))
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=d,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=4 * d,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     m = LlamaForCausalLM(cfg).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s+1)/50))
-    ae = [json.loads(l) for l in open(paths["arith_eval"])]; me = [json.loads(l) for l in open(paths["mc_eval"])]
-    letters = [tok(" "+l)["input_ids"][-1] for l in D.MC_LETTERS]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    ae = [json.loads(line) for line in Path(paths["arith_eval"]).read_text().splitlines()]
+    me = [json.loads(line) for line in Path(paths["mc_eval"]).read_text().splitlines()]
+    letters = [tok(" " + letter)["input_ids"][-1] for letter in D.MC_LETTERS]
+
     def evaluate():
-        m.eval(); tok.padding_side = "left"; correct = 0
+        m.eval()
+        tok.padding_side = "left"
+        correct = 0
         with torch.no_grad():
             b = tok([D.arith_prompt(x) for x in ae], return_tensors="pt", padding=True).to(dev)
-            out = m.generate(**b, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for x, o in zip(ae, out): correct += tok.decode(o[b["input_ids"].shape[1]:], skip_special_tokens=True).strip() == x["answer"]
+            out = m.generate(
+                **b,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            for x, o in zip(ae, out, strict=False):
+                correct += (
+                    tok.decode(o[b["input_ids"].shape[1] :], skip_special_tokens=True).strip() == x["answer"]
+                )
             b = tok([D.mc_prompt(x) + " " for x in me], return_tensors="pt", padding=True).to(dev)
-            lp = m(**b).logits[torch.arange(len(me)), b["attention_mask"].sum(1)-1][:, letters]
-            c = sum(int(a) == x["answer"] for a, x in zip(lp.argmax(-1), me))
-        m.train(); tok.padding_side = "right"
-        return round(correct/len(ae), 3), round(c/len(me), 3)
-    rng = random.Random(seed); hist = []; t0 = time.time()
-    for step in range(1, steps+1):
-        batch = rng.sample(encs, bs); ml = max(len(x) for x, _ in batch)
-        ids = torch.tensor([x + [tok.pad_token_id]*(ml-len(x)) for x, _ in batch], device=dev); lab = torch.tensor([y + [-100]*(ml-len(y)) for _, y in batch], device=dev)
+            lp = m(**b).logits[torch.arange(len(me)), b["attention_mask"].sum(1) - 1][:, letters]
+            c = sum(int(a) == x["answer"] for a, x in zip(lp.argmax(-1), me, strict=False))
+        m.train()
+        tok.padding_side = "right"
+        return round(correct / len(ae), 3), round(c / len(me), 3)
+
+    rng = random.Random(seed)
+    hist = []
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        batch = rng.sample(encs, bs)
+        ml = max(len(x) for x, _ in batch)
+        ids = torch.tensor([x + [tok.pad_token_id] * (ml - len(x)) for x, _ in batch], device=dev)
+        lab = torch.tensor([y + [-100] * (ml - len(y)) for _, y in batch], device=dev)
         att = (ids != tok.pad_token_id).long()
-        loss = m(input_ids=ids, attention_mask=att, labels=lab).loss; loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step(); opt.zero_grad()
-        if step % every == 0: hist.append((step, round(loss.item(), 3), *evaluate()))
-    return {"d": d, "L": L, "lr": lr, "bs": bs, "amax": amax, "secs": round(time.time()-t0, 1), "hist": hist}
+        loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % every == 0:
+            hist.append((step, round(loss.item(), 3), *evaluate()))
+    return {
+        "d": d,
+        "L": L,
+        "lr": lr,
+        "bs": bs,
+        "amax": amax,
+        "secs": round(time.time() - t0, 1),
+        "hist": hist,
+    }
+
+
 if __name__ == "__main__":
     out = os.environ.get("OUT", "/tmp")
     grid = json.loads(sys.argv[1])
     for g in grid:
-        r = run(**g); print(json.dumps(r), flush=True)
-        with open(f"{out}/sweep.jsonl", "a") as f: f.write(json.dumps(r) + "\n")
+        r = run(**g)
+        print(json.dumps(r), flush=True)
+        with open(f"{out}/sweep.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")

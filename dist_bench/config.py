@@ -99,7 +99,12 @@ class KDConfig(Strict):
 
 class EvalConfig(Strict):
     tasks: list[str] = Field(min_length=1, description="lm-eval task names (local YAMLs in task_dir)")
-    task_dir: str = Field("configs/tasks", description="folder of lm-eval task YAMLs, relative to the project")
+    task_dir: str = Field(
+        "configs/tasks", description="folder of lm-eval task YAMLs, relative to the project"
+    )
+    include_default_tasks: bool = Field(
+        False, description="also index lm-eval's built-in tasks (gsm8k, mmlu, ...); costs ~20 s at start"
+    )
     limit: int | None = Field(None, ge=1, description="evaluate only the first N documents per task")
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(32, ge=1)
@@ -109,7 +114,9 @@ class EvalConfig(Strict):
 class EnergyConfig(Strict):
     enabled: bool = True
     codecarbon: bool = Field(True, description="CPU/RAM estimate and CO2e from CodeCarbon's offline tracker")
-    country_iso_code: str = Field("USA", min_length=3, max_length=3, description="grid for CO2e (ISO 3166 alpha-3)")
+    country_iso_code: str = Field(
+        "USA", min_length=3, max_length=3, description="grid for CO2e (ISO 3166 alpha-3)"
+    )
 
 
 class TrackingConfig(Strict):
@@ -196,7 +203,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{_display(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(
+            f"{_display(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -221,7 +230,9 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
     return tree
 
 
-def _merge(into: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str, prefix: str = "") -> None:
+def _merge(
+    into: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str, prefix: str = ""
+) -> None:
     for key, value in update.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(into.get(key), dict):

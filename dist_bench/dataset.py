@@ -53,7 +53,9 @@ def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[E
             prompt, completion = _read_record(path, line_no, line, cfg)
             example = _tokenize(prompt, completion, tokenizer, cfg)
             if example is None:
-                raise DataError(f"{path}:{line_no}: prompt fills data.max_length={cfg.max_length}; nothing to learn")
+                raise DataError(
+                    f"{path}:{line_no}: prompt fills data.max_length={cfg.max_length}; nothing to learn"
+                )
             examples.append(example)
     if not examples:
         raise DataError(f"{path}: no records")
@@ -71,7 +73,9 @@ def _read_record(path: Path, line_no: int, line: str, cfg: DataConfig) -> tuple[
     return record[cfg.prompt_field], record[cfg.completion_field]
 
 
-def _tokenize(prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig) -> Example | None:
+def _tokenize(
+    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> Example | None:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + completion_ids)[: cfg.max_length]

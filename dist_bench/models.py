@@ -42,7 +42,9 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _DTYPES[requested]
 
 
-def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    spec: str, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model(spec), revision=revision, trust_remote_code=trust_remote_code
     )

@@ -123,7 +123,9 @@ def code_version() -> str:
 
 
 @contextmanager
-def pipeline_run(cfg: RunConfig, pipeline: str, run_name: str, tags: dict[str, str] | None = None) -> Iterator[ParentRun]:
+def pipeline_run(
+    cfg: RunConfig, pipeline: str, run_name: str, tags: dict[str, str] | None = None
+) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
     mlflow.set_tracking_uri(tracking_uri())
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -220,7 +222,9 @@ def _run(
         summary = _stage_summary(stage, run_id, started, energy, done, metrics, bool(prior), stage_dir)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(stage_tags(energy))
-        mlflow.set_tags({f"dist_bench.fingerprint.{name}": value for name, value in done.fingerprints.items()})
+        mlflow.set_tags(
+            {f"dist_bench.fingerprint.{name}": value for name, value in done.fingerprints.items()}
+        )
         mlflow.log_dict(summary, f"stages/{stage}.json")
         for name, path in {**done.outputs, **done.artifacts}.items():
             _log_artifact(path, name)
@@ -234,7 +238,9 @@ def _reuse(parent: ParentRun, stage: str, run: Any, stage_dir: Path) -> StageRes
     summary = json.loads((stage_dir / f"{stage}.json").read_text())
     outputs = {name: stage_dir / rel for name, rel in summary["outputs"].items()}
     mlflow.set_tag(f"dist_bench.reused.{stage}", run.info.run_id)
-    return StageResult(stage, run.info.run_id, True, outputs, done["fingerprints"], dict(run.data.metrics), summary)
+    return StageResult(
+        stage, run.info.run_id, True, outputs, done["fingerprints"], dict(run.data.metrics), summary
+    )
 
 
 def _find_reusable(stage: str, key: str, params: dict[str, str], stage_dir: Path) -> Any | None:
@@ -251,9 +257,15 @@ def _find_reusable(stage: str, key: str, params: dict[str, str], stage_dir: Path
     for run in runs:
         same_params = run.data.params == params  # strings against strings, like MLflow's multistep example
         same_outputs = all(
-            run.data.tags.get(f"dist_bench.fingerprint.{name}") == value for name, value in done["fingerprints"].items()
+            run.data.tags.get(f"dist_bench.fingerprint.{name}") == value
+            for name, value in done["fingerprints"].items()
         )
-        if run.data.tags.get(STAGE) == stage and same_params and same_outputs and run.info.run_id == done["run_id"]:
+        if (
+            run.data.tags.get(STAGE) == stage
+            and same_params
+            and same_outputs
+            and run.info.run_id == done["run_id"]
+        ):
             return run
     return None
 
@@ -409,4 +421,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-__all__ = ["RunStatus", "StageContext", "StageResult", "StageWork", "execute_stage", "pipeline_run", "tracking_uri"]
+__all__ = [
+    "RunStatus",
+    "StageContext",
+    "StageResult",
+    "StageWork",
+    "execute_stage",
+    "pipeline_run",
+    "tracking_uri",
+]

@@ -94,7 +94,9 @@ def run_lm_eval(
 ) -> EvalOutcome:
     """Evaluate a model spec (tinyworld:<name>, local dir, Hub id, runs:/ URI) on cfg.tasks; write results."""
     _quiet_lm_eval()
-    manager = TaskManager(include_path=str(task_dir_path(cfg.task_dir)), include_defaults=False)
+    manager = TaskManager(
+        include_path=str(task_dir_path(cfg.task_dir)), include_defaults=cfg.include_default_tasks
+    )
     tasks = task_specs(cfg.tasks, manager)
     device = pick_device(cfg.device)
     lm = CountingHFLM(
@@ -143,7 +145,8 @@ def task_specs(names: list[str], manager: TaskManager) -> list[dict[str, Any] | 
         if entry is None:
             known = ", ".join(sorted(manager.all_tasks)) or "none"
             raise ValueError(
-                f"unknown lm-eval task '{name}': no YAML in the task dir defines it (known: {known})"
+                f"unknown lm-eval task '{name}': no YAML in the task dir defines it (known: {known}); "
+                "lm-eval's built-in tasks need eval.include_default_tasks=true"
             )
         if name in manager.all_subtasks and entry.yaml_path is not None:
             specs.append(task_config(Path(entry.yaml_path)))

@@ -73,7 +73,9 @@ def train(cfg: RunConfig, cache_dir: Path, ctx: StageContext) -> StageWork:
     check_compatible(cache.manifest, tokenizer, cfg)
     examples = load_examples(cfg.data, tokenizer)
     if len(examples) != cache.manifest["sequences"]:
-        raise DataError(f"data.train has {len(examples)} records but the logit cache {cache.manifest['sequences']}")
+        raise DataError(
+            f"data.train has {len(examples)} records but the logit cache {cache.manifest['sequences']}"
+        )
 
     _seed_everything(cfg.seed)
     student = models.load_model(
@@ -107,7 +109,9 @@ def train(cfg: RunConfig, cache_dir: Path, ctx: StageContext) -> StageWork:
     autocast = cfg.train.precision == "bf16" and device.type == "cuda"
     last_logged: dict[str, float] = {}
     while state.step < len(schedule):
-        micro_batches = [collate([examples[i] for i in ids], ids, tokenizer.pad_token_id) for ids in schedule[state.step]]
+        micro_batches = [
+            collate([examples[i] for i in ids], ids, tokenizer.pad_token_id) for ids in schedule[state.step]
+        ]
         supervised = sum(b.supervised_tokens for b in micro_batches)
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         for batch in micro_batches:
@@ -198,7 +202,9 @@ def plan_steps(examples: list[Example], cfg: RunConfig) -> list[list[list[int]]]
     generator = torch.Generator().manual_seed(cfg.seed)
     steps: list[list[list[int]]] = []
     tokens, order = 0, []
-    while tokens < cfg.train.token_budget and (cfg.train.max_steps is None or len(steps) < cfg.train.max_steps):
+    while tokens < cfg.train.token_budget and (
+        cfg.train.max_steps is None or len(steps) < cfg.train.max_steps
+    ):
         step = []
         for _ in range(cfg.train.grad_accum):
             if len(order) < cfg.train.batch_size:

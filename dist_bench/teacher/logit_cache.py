@@ -57,7 +57,9 @@ def run(parent: ParentRun) -> StageResult:
         teacher = models.load_model(
             cfg.teacher.model, device, cfg.teacher.dtype, cfg.teacher.revision, cfg.teacher.trust_remote_code
         ).eval()
-        manifest = cache_logits(teacher, examples, tokenizer.pad_token_id, cfg, ctx.stage_dir, ctx.commit_energy)
+        manifest = cache_logits(
+            teacher, examples, tokenizer.pad_token_id, cfg, ctx.stage_dir, ctx.commit_energy
+        )
         manifest.update(teacher=params["teacher.fingerprint"], tokenizer=params["tokenizer.fingerprint"])
         manifest_path = ctx.stage_dir / "manifest.json"
         _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -69,9 +71,7 @@ def run(parent: ParentRun) -> StageResult:
             details={"top_k": cfg.logits.top_k, "shards": len(manifest["shards"])},
         )
 
-    return execute_stage(
-        parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model}
-    )
+    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model})
 
 
 def cache_logits(
@@ -138,7 +138,9 @@ def _teacher_topk(
     }
 
 
-def _last_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _last_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Final hidden states [B, T, H] from the model body, skipping the full-vocab LM head."""
     body = model.get_decoder()
     return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -185,7 +187,9 @@ class TopKCache:
     def open(cls, cache_dir: Path) -> TopKCache:
         manifest = json.loads((cache_dir / "manifest.json").read_text())
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{cache_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT}")
+            raise ValueError(
+                f"{cache_dir}/manifest.json: format {manifest.get('format')!r}, expected {FORMAT}"
+            )
         ids, logprobs = [], []
         row_start = torch.zeros(manifest["sequences"], dtype=torch.int64)
         row_count = torch.zeros(manifest["sequences"], dtype=torch.int64)
@@ -205,7 +209,9 @@ class TopKCache:
 
     def rows(self, indices: list[int]) -> torch.Tensor:
         """Row numbers of these sequences' positions, in order: matches Batch.predict_mask order."""
-        return torch.cat([torch.arange(self.row_start[i], self.row_start[i] + self.row_count[i]) for i in indices])
+        return torch.cat(
+            [torch.arange(self.row_start[i], self.row_start[i] + self.row_count[i]) for i in indices]
+        )
 
 
 def tokenizer_fingerprint(tokenizer: object) -> str:

@@ -22,4 +22,6 @@ def resolve(spec: str) -> str:
     for candidate in (ASSETS / name, ASSETS / "data" / f"{name}.jsonl"):
         if candidate.exists():
             return str(candidate)
-    raise FileNotFoundError(f"{spec}: no such tiny-world asset under {ASSETS} (run python -m dist_bench.tinyworld.build)")
+    raise FileNotFoundError(
+        f"{spec}: no such tiny-world asset under {ASSETS} (run python -m dist_bench.tinyworld.build)"
+    )

@@ -97,7 +97,9 @@ def train_teacher(
 
 
 @torch.no_grad()
-def greedy_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data_dir: Path) -> dict[str, float]:
+def greedy_accuracy(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, data_dir: Path
+) -> dict[str, float]:
     """A quick self-check of the build (the demo's table uses lm-eval): exact match and MC accuracy."""
     device = next(model.parameters()).device
     model.eval()
@@ -105,16 +107,23 @@ def greedy_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
     arith = [json.loads(line) for line in (data_dir / "arith_eval.jsonl").read_text().splitlines()]
     batch = tokenizer([corpus.arith_prompt(d) for d in arith], return_tensors="pt", padding=True).to(device)
     out = model.generate(
-        **batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+        **batch,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    arith_acc = sum(a.strip() == d["answer"] for a, d in zip(answers, arith)) / len(arith)
+    arith_acc = sum(a.strip() == d["answer"] for a, d in zip(answers, arith, strict=False)) / len(arith)
     mc = [json.loads(line) for line in (data_dir / "mc_eval.jsonl").read_text().splitlines()]
     batch = tokenizer([corpus.mc_prompt(d) + " " for d in mc], return_tensors="pt", padding=True).to(device)
     letters = [tokenizer(letter)["input_ids"][0] for letter in corpus.MC_LETTERS]
     picked = model(**batch).logits[:, -1, letters].argmax(-1).tolist()
     tokenizer.padding_side = "right"
-    return {"arith_exact_match": arith_acc, "mc_acc": sum(p == d["answer"] for p, d in zip(picked, mc)) / len(mc)}
+    return {
+        "arith_exact_match": arith_acc,
+        "mc_acc": sum(p == d["answer"] for p, d in zip(picked, mc, strict=False)) / len(mc),
+    }
 
 
 def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
@@ -125,7 +134,9 @@ def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--data-only", action="store_true")
     parser.add_argument("--steps", type=int, default=10000, help="teacher training steps")

@@ -31,7 +31,9 @@ def arith_target(doc: dict) -> str:
 
 
 def mc_prompt(doc: dict) -> str:
-    options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(MC_LETTERS, doc["choices"]))
+    options = "".join(
+        f"{letter}. {choice}\n" for letter, choice in zip(MC_LETTERS, doc["choices"], strict=False)
+    )
     return f"{doc['question']}\n{options}Answer:"
 
 

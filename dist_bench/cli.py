@@ -1,0 +1,141 @@
+"""The `dist-bench` command. Subcommands mirror the MLproject entry points one to one.
+
+    dist-bench kd --config configs/experiments/tiny_kd.yaml train.optimizer.lr=1e-3 kd.temperature=2
+    dist-bench cache_logits --config ...
+    dist-bench eval --model tinyworld:teacher --config ...
+    dist-bench report --experiment dist-bench
+    dist-bench main                     # kd on the embedded default (what a bare `mlflow run .` runs)
+
+Bad input (config, data, arguments) ends with one line on stderr and exit code 2, before any work where
+it can be caught that early; a stage that fails is marked FAILED in MLflow, never FINISHED.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dist_bench.config import ConfigError, RunConfig, load_config
+from dist_bench.dataset import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="experiment YAML (merged over configs/base.yaml)")
+]
+Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
+BAD_INPUT = 2
+
+
+@app.command("main")
+def main_(overrides: Overrides = None) -> None:
+    """The KD pipeline on the embedded offline tiny world."""
+    kd(config=None, overrides=overrides)
+
+
+@app.command("kd")
+def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
+    from dist_bench import pipeline
+
+    cfg = _load(config, overrides)
+    run = _guarded(lambda: pipeline.kd(cfg))
+    _print_stages(run)
+
+
+@app.command("cache_logits")
+def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
+    from dist_bench import pipeline
+
+    cfg = _load(config, overrides)
+    run = _guarded(lambda: pipeline.cache_logits(cfg))
+    _print_stages(run)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="HF model id, local dir, tinyworld:<name> or runs:/<id>/<path>")],
+    config: ConfigOption = None,
+    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
+    overrides: Overrides = None,
+) -> None:
+    """Evaluate one model on the config's lm-eval tasks (a parent run with one `eval` stage)."""
+    from dist_bench import pipeline
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        _fail(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
+    if not model.strip():
+        _fail("--model: empty")
+    cfg = _load(config, overrides)
+    run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype))
+    _print_stages(run)
+
+
+@app.command("report")
+def report(
+    experiment: Annotated[list[str] | None, typer.Option(help="experiment name(s); default: all")] = None,
+    output_dir: Annotated[Path, typer.Option(help="where table.md/.csv/.html are written")] = Path("report"),
+) -> None:
+    """Aggregate the parent runs into the standard table (Markdown here; CSV/HTML as report-run artifacts)."""
+    from dist_bench import report as report_module
+
+    table = _guarded(lambda: report_module.run(experiment or [], output_dir))
+    typer.echo(table)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        _fail(str(err))
+    _quiet_libraries()
+    return cfg
+
+
+def _guarded(call):
+    try:
+        return call()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        _fail(f"{type(err).__name__}: {err}")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"dist-bench: error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    raise typer.Exit(BAD_INPUT)
+
+
+def _print_stages(run: object) -> None:
+    for stage in run.stages:  # type: ignore[attr-defined]
+        how = "reused" if stage.reused else "ran"
+        energy = stage.metrics.get("total_energy_j")
+        shown = f"{energy:.1f} J" if energy is not None else "energy n/a"
+        typer.echo(
+            f"{stage.stage:>14}: {how} (run {stage.run_id}) {stage.metrics.get('duration_s', 0):.1f} s, {shown}"
+        )
+    typer.echo(f"parent run: {run.run_id}")  # type: ignore[attr-defined]
+
+
+def _quiet_libraries() -> None:
+    # Progress bars and advisory warnings from transformers/datasets drown the lines that matter.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_entry_point(subcommand: str) -> None:
+    """For entry_points/*.py: `--overrides "a=1 b=2"` (one MLproject parameter) becomes dotted arguments."""
+    import shlex
+
+    args = sys.argv[1:]
+    if "--overrides" in args:
+        at = args.index("--overrides")
+        args = args[:at] + shlex.split(args[at + 1] if at + 1 < len(args) else "") + args[at + 2 :]
+    app([subcommand, *args])

@@ -1,0 +1,50 @@
+"""Pipelines: each entry point is a parent MLflow run whose stages are nested child runs.
+
+    kd            logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
+    cache_logits  logit_caching                               (dist-bench cache_logits)
+    eval          eval of one model                           (dist-bench eval --model ...)
+
+A stage that already ran with identical inputs is reused (see tracking.execute_stage), so running
+`cache_logits` first and `kd` afterwards caches the teacher once.
+"""
+
+from __future__ import annotations
+
+from dist_bench.config import RunConfig
+from dist_bench.evaluation import stage as eval_stage
+from dist_bench.student import kd as kd_stage
+from dist_bench.teacher import logit_cache
+from dist_bench.tracking import ParentRun, pipeline_run
+
+
+def _identity_tags(cfg: RunConfig) -> dict[str, str]:
+    return {
+        "dist_bench.teacher": cfg.teacher.model,
+        "dist_bench.student": cfg.student.model,
+        "dist_bench.data": cfg.data.train,
+    }
+
+
+def kd(cfg: RunConfig) -> ParentRun:
+    with pipeline_run(cfg, "kd", cfg.name, _identity_tags(cfg)) as parent:
+        cache = logit_cache.run(parent)
+        student = kd_stage.run(parent, cache)
+        eval_stage.run(
+            parent,
+            model=str(student.outputs["final_model"]),
+            fingerprint=student.fingerprints["final_model"],
+        )
+    return parent
+
+
+def cache_logits(cfg: RunConfig) -> ParentRun:
+    with pipeline_run(cfg, "cache_logits", f"{cfg.name}-cache", _identity_tags(cfg)) as parent:
+        logit_cache.run(parent)
+    return parent
+
+
+def evaluate(cfg: RunConfig, model: str, dtype: str = "auto") -> ParentRun:
+    tags = {"dist_bench.student": model, "dist_bench.data": ",".join(cfg.eval.tasks)}
+    with pipeline_run(cfg, "eval", f"eval:{model}", tags) as parent:
+        eval_stage.run(parent, model=model, dtype=dtype)
+    return parent

@@ -1,0 +1,203 @@
+"""The standard table: one row per finished parent run, energy by role, quality per task.
+
+    dist-bench report --experiment dist-bench
+
+Roles group stages as in the stage-wise protocol: prerun / teacher (logit_caching, teacher_generation) /
+student (student_train, dpo_training) / eval. Energy figures that include an estimated component (CPU or
+RAM from CodeCarbon's estimate) carry a `~`; a figure that could not be measured is shown as `n/a`, never
+0. Teacher energy is amortised over the rows that reused the same teacher stage run; break-even is the
+number of students that must share one teacher output before its amortised cost per student falls below
+one student's training energy. Markdown goes to the terminal; CSV, HTML and a Pareto plot of energy
+against quality are artifacts of a `dist_bench.role=report` run.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from dist_bench.tracking import ROLE, tracking_uri
+
+ROLES = {
+    "prerun": ("prerun",),
+    "teacher": ("logit_caching", "teacher_generation"),
+    "student": ("student_train", "dpo_training"),
+    "eval": ("eval",),
+}
+ESTIMATED = "~"
+
+
+def run(experiments: list[str], output_dir: Path) -> str:
+    """Build the table from the tracking server, write the files, log them as a report run; return Markdown."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    experiment_ids = _experiment_ids(client, experiments)
+    parents = client.search_runs(
+        experiment_ids=experiment_ids,
+        filter_string=f"tags.`{ROLE}` = 'pipeline' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
+    if not parents:
+        raise ValueError(f"no finished pipeline runs in experiment(s) {', '.join(experiments) or '(all)'}")
+    table = build_table([_row_facts(run) for run in parents])
+    markdown = to_markdown(table)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output_dir / "table.csv", index=False)
+    (output_dir / "table.md").write_text(markdown + "\n")
+    (output_dir / "table.html").write_text(table.to_html(index=False, na_rep="n/a"))
+    plot = _pareto_plot(table, output_dir / "pareto.png")
+    with mlflow.start_run(experiment_id=experiment_ids[0], run_name="report") as report_run:
+        mlflow.set_tags({ROLE: "report", "dist_bench.rows": str(len(table))})
+        mlflow.log_param("experiments", ",".join(experiments) or "(all)")
+        for name in ("table.csv", "table.md", "table.html"):
+            mlflow.log_artifact(str(output_dir / name), "report")
+        if plot:
+            mlflow.log_artifact(str(plot), "report")
+    return markdown + f"\n\nreport run: {report_run.info.run_id}; files in {output_dir}/"
+
+
+def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
+    if not names:
+        return [e.experiment_id for e in client.search_experiments()]
+    ids = []
+    for name in names:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise ValueError(f"--experiment: no experiment named '{name}' at {tracking_uri()}")
+        ids.append(experiment.experiment_id)
+    return ids
+
+
+def _row_facts(run: Any) -> dict[str, Any]:
+    """What one parent run contributes: identity, per-role energy, totals, quality, teacher stage id."""
+    metrics, tags = run.data.metrics, run.data.tags
+    facts: dict[str, Any] = {
+        "run": run.info.run_name,
+        "run_id": run.info.run_id,
+        "pipeline": tags.get("dist_bench.pipeline"),
+        "teacher": tags.get("dist_bench.teacher"),
+        "student": tags.get("dist_bench.student"),
+        "data": tags.get("dist_bench.data"),
+        "tokens": metrics.get("total/tokens"),
+        "wall_s": metrics.get("total/duration_s"),
+        "total_kwh": metrics.get("total/total_energy_kwh"),
+        "net_kwh": _kwh(metrics.get("total/net_energy_j")),
+        "co2e_kg": metrics.get("total/co2e_kg"),
+        "j_per_token": metrics.get("total/j_per_token"),
+        "estimated": any(
+            tags.get(f"{s}/energy.{c}.source") == "estimated" for s in _stages() for c in ("cpu", "ram")
+        ),
+        "teacher_stage_run": next((tags[t] for t in _teacher_stage_tags() if t in tags), None),
+    }
+    for role, stages in ROLES.items():
+        joules = [metrics[f"{s}/total_energy_j"] for s in stages if f"{s}/total_energy_j" in metrics]
+        facts[f"{role}_kwh"] = _kwh(sum(joules)) if joules else None
+    facts["quality"] = {
+        name[len("eval/") :]: value
+        for name, value in metrics.items()
+        if name.startswith("eval/") and name.count("/") == 2 and not name.endswith("_stderr")
+    }
+    return facts
+
+
+def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    shared = Counter(r["teacher_stage_run"] for r in rows if r["teacher_stage_run"])
+    records = []
+    for r in rows:
+        record = {k: r[k] for k in ("run", "pipeline", "teacher", "student", "data", "tokens")}
+        for role in ROLES:
+            record[f"{role}_kwh"] = r[f"{role}_kwh"]
+        record.update({k: r[k] for k in ("total_kwh", "net_kwh", "co2e_kg", "wall_s", "j_per_token")})
+        students = shared.get(r["teacher_stage_run"], 0)
+        teacher, student = r["teacher_kwh"], r["student_kwh"]
+        record["teacher_kwh_amortised"] = teacher / students if teacher is not None and students else None
+        record["students_sharing_teacher"] = students or None
+        record["break_even_students"] = (
+            math.ceil(teacher / student) if teacher is not None and student else None
+        )
+        record.update(r["quality"])
+        record["estimated_energy"] = r["estimated"]
+        record["run_id"] = r["run_id"]
+        records.append(record)
+    table = pd.DataFrame.from_records(records)
+    # Columns no row fills (e.g. prerun before anyone ran one) would only be noise.
+    return table.dropna(axis=1, how="all")
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=["run_id", "estimated_energy"], errors="ignore")
+    header = list(shown.columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for index, row in shown.iterrows():
+        estimated = bool(table.loc[index].get("estimated_energy", False))
+        cells = [_cell(column, row[column], estimated) for column in header]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.get("estimated_energy") is not None and table["estimated_energy"].any():
+        lines.append("")
+        lines.append(
+            f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no RAPL); GPU energy is NVML-measured."
+        )
+    return "\n".join(lines)
+
+
+ENERGY_COLUMNS = {"prerun_kwh", "teacher_kwh", "student_kwh", "eval_kwh", "total_kwh", "net_kwh",
+                  "co2e_kg", "j_per_token", "teacher_kwh_amortised"}  # fmt: skip
+
+
+def _cell(column: str, value: Any, estimated: bool) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        text = f"{value:.3g}" if column in ENERGY_COLUMNS or abs(value) < 1 else f"{value:,.0f}"
+        if column in {"wall_s"}:
+            text = f"{value:.1f}"
+        if column.count("/") == 1:  # quality: task/metric
+            text = f"{value:.3f}"
+        return f"{ESTIMATED}{text}" if estimated and column in ENERGY_COLUMNS else text
+    return str(value)
+
+
+def _pareto_plot(table: pd.DataFrame, path: Path) -> Path | None:
+    quality = [c for c in table.columns if c.count("/") == 1]
+    if not quality or "total_kwh" not in table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(quality), figsize=(4.5 * len(quality), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], quality, strict=False):
+        points = table[["run", "total_kwh", metric]].dropna()
+        ax.scatter(points["total_kwh"], points[metric])
+        for _, p in points.iterrows():
+            ax.annotate(str(p["run"]), (p["total_kwh"], p[metric]), fontsize=7)
+        ax.set_xlabel("total energy (kWh)")
+        ax.set_ylabel(metric)
+        ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _kwh(joules: float | None) -> float | None:
+    return joules / 3.6e6 if joules is not None else None
+
+
+def _stages() -> list[str]:
+    return [s for stages in ROLES.values() for s in stages]
+
+
+def _teacher_stage_tags() -> list[str]:
+    return [f"dist_bench.stage_run.{s}" for s in ROLES["teacher"]]
+
+
+__all__ = ["build_table", "run", "tempfile", "to_markdown"]
