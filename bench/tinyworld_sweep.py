@@ -26,7 +26,8 @@ tok = build_tokenizer()
 def run(d, L, lr, bs, amax, steps, every, seed=0):
     torch.manual_seed(seed)
     D.ARITH_MAX = amax
-    paths = D.write_corpus(Path(f"/tmp/sweepdata{amax}-{os.getpid()}")  # one dir per process: parallel runs raced)
+    # One data dir per process: parallel runs sharing one raced.
+    paths = D.write_corpus(Path(f"/tmp/sweepdata{amax}-{os.getpid()}"))
     recs = [json.loads(line) for line in Path(paths["kd_train"]).read_text().splitlines()]
     encs = []
     for r in recs:
