@@ -20,7 +20,6 @@ from typing import Annotated
 import typer
 
 from dist_bench.config import ConfigError, RunConfig, load_config
-from dist_bench.dataset import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -100,7 +99,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
 def _guarded(call):
     try:
         return call()
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ConfigError, DataError and VocabMismatch are ValueErrors
         _fail(f"{type(err).__name__}: {err}")
 
 

@@ -245,7 +245,9 @@ def _merge(
 
 
 def _one_line(err: ValidationError, origin: dict[str, str]) -> str:
-    first = err.errors()[0]
+    # A typo'd key usually also explains a "missing" one: report unknown keys first, missing ones last.
+    rank = {"extra_forbidden": 0, "missing": 2}
+    first = sorted(err.errors(), key=lambda e: rank.get(e["type"], 1))[0]
     path = ".".join(str(part) for part in first["loc"]) or "<config>"
     source = _source_of(path, origin)
     reason = first["msg"]

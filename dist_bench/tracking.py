@@ -197,8 +197,9 @@ def _run(
     interrupted = _mark_interrupted_attempts(key)
     prior = _read_prior_energy(stage_dir)
     started = _now()
-    with mlflow.start_run(run_name=stage, nested=True) as run:
-        run_id = run.info.run_id
+    run = mlflow.start_run(run_name=stage, nested=True)
+    run_id = run.info.run_id
+    try:
         mlflow.set_tags(
             {
                 ROLE: "stage",
@@ -208,6 +209,7 @@ def _run(
                 "dist_bench.git_commit": parent_tag(parent, "dist_bench.git_commit"),
                 "dist_bench.code_version": params["code_version"],
                 "dist_bench.stage_dir": str(stage_dir),
+                "dist_bench.resumed": str(prior is not None).lower(),
                 **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
                 **tags,
             }
@@ -230,6 +232,13 @@ def _run(
             _log_artifact(path, name)
         _write_json_atomic(stage_dir / f"{stage}.json", summary)
         _write_json_atomic(stage_dir / DONE, {"run_id": run_id, "fingerprints": done.fingerprints})
+    except BaseException as err:
+        # Ctrl-C / SIGTERM -> KILLED, anything else -> FAILED; never FINISHED. Work committed so far stays in
+        # stage_dir for the next attempt to resume from.
+        mlflow.set_tag("dist_bench.error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run("FINISHED")
     return StageResult(stage, run_id, False, done.outputs, done.fingerprints, metrics, summary)
 
 

@@ -4,7 +4,7 @@
 
 For every supervised position (see dataset.py) the shard stores the teacher's k most likely next
 tokens and their log-probabilities at temperature 1 (the student applies its own temperature), never
-the full vocabulary. Layout of the stage dir:
+the full vocabulary. Layout:
 
     shards/shard-00000.safetensors   token_ids int32 [P, k], logprobs float32|float16 [P, k],
                                      offsets int64 [S + 1] (rows of sequence i: offsets[i]:offsets[i+1]),
@@ -13,7 +13,7 @@ the full vocabulary. Layout of the stage dir:
                                      without it is incomplete
     manifest.json                    written last: shard hashes, k, vocab size, tokenizer and teacher identity
 
-A shard covers `logits.shard_size` consecutive sequences, always cut into the same batches, so a resumed
+(all under `<stage dir>/logit_cache/`). A shard covers `logits.shard_size` consecutive sequences, always cut into the same batches, so a resumed
 run recomputes exactly the missing shards and ends byte-identical to an uninterrupted one. Safetensors is
 the container because it is mmap-able and lets a later format add compressed tensors beside these.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +58,14 @@ def run(parent: ParentRun) -> StageResult:
         teacher = models.load_model(
             cfg.teacher.model, device, cfg.teacher.dtype, cfg.teacher.revision, cfg.teacher.trust_remote_code
         ).eval()
-        manifest = cache_logits(
-            teacher, examples, tokenizer.pad_token_id, cfg, ctx.stage_dir, ctx.commit_energy
-        )
+        out = ctx.stage_dir / "logit_cache"
+        manifest = cache_logits(teacher, examples, tokenizer.pad_token_id, cfg, out, ctx.commit_energy)
         manifest.update(teacher=params["teacher.fingerprint"], tokenizer=params["tokenizer.fingerprint"])
-        manifest_path = ctx.stage_dir / "manifest.json"
+        manifest_path = out / "manifest.json"
         _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
         return StageWork(
             tokens=manifest["input_tokens"],
-            outputs={"logit_cache": ctx.stage_dir},
+            outputs={"logit_cache": out},
             fingerprints={"logit_cache": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest()},
             metrics={"supervised_positions": manifest["positions"], "cache_bytes": manifest["bytes"]},
             details={"top_k": cfg.logits.top_k, "shards": len(manifest["shards"])},
@@ -79,11 +79,11 @@ def cache_logits(
     examples: list[Example],
     pad_id: int,
     cfg: RunConfig,
-    stage_dir: Path,
-    on_shard_committed: callable = lambda: None,
+    out: Path,
+    on_shard_committed: Callable[[], None] = lambda: None,
 ) -> dict:
-    """Write every missing shard; return the manifest (without teacher/tokenizer identity)."""
-    shard_dir = stage_dir / "shards"
+    """Write every missing shard under out/shards; return the manifest (without teacher/tokenizer identity)."""
+    shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     size = cfg.logits.shard_size
     n_shards = (len(examples) + size - 1) // size

@@ -1,0 +1,99 @@
+"""Config: every shipped YAML validates and says how it is run; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_bench.config import ConfigError, load_config
+
+PROJECT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((PROJECT / "configs" / "experiments").glob("*.yaml"))
+ALL_YAML = sorted((PROJECT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_validates_against_the_schema(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name and cfg.teacher.model and cfg.student.model
+    assert len(cfg.flat()) > 40  # flattened into MLflow params
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(PROJECT)))
+def test_every_yaml_starts_with_the_command_that_runs_it(path: Path) -> None:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("dist-bench" in first or "mlflow run" in first), first
+    yaml.safe_load(path.read_text())
+
+
+def test_real_model_pair_uses_hub_ids_and_the_same_loader_fields() -> None:
+    cfg = load_config(PROJECT / "configs/experiments/qwen2.5-1.5b_to_0.5b_kd.yaml")
+    assert cfg.teacher.model == "Qwen/Qwen2.5-1.5B" and cfg.student.model == "Qwen/Qwen2.5-0.5B"
+
+
+def test_overrides_win_and_are_typed() -> None:
+    cfg = load_config(None, ["train.optimizer.lr=1e-4", "kd.temperature=2", "eval.tasks=[tiny_mc]"])
+    assert cfg.train.optimizer.lr == 1e-4 and cfg.kd.temperature == 2.0 and cfg.eval.tasks == ["tiny_mc"]
+    assert cfg.train.batch_size == 32  # untouched base default
+
+
+def test_hash_changes_with_any_value() -> None:
+    assert load_config().hash() != load_config(None, ["seed=7"]).hash()
+    assert load_config().hash() == load_config().hash()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=1", "config: train.lrr (from override 'train.lrr=1'): unknown key"),
+        (
+            "train.optimizer.lr=fast",
+            "config: train.optimizer.lr (from override 'train.optimizer.lr=fast'): Input should be a valid number",
+        ),
+        (
+            "kd.ce_weight=1.5",
+            "config: kd.ce_weight (from override 'kd.ce_weight=1.5'): Input should be less than or equal to 1",
+        ),
+        ("nonsense", "override 'nonsense': expected dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_dotted_path_and_the_source(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(expected)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# dist-bench kd --config bad.yaml\nname: x\ntrain:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.batchsize \(from .*bad\.yaml\): unknown key"):
+        load_config(bad)
+
+
+def test_broken_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+: not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override", ["train.lrr=1", "train.batch_size=many"])
+def test_cli_config_error_exits_2_with_one_line_and_starts_nothing(tmp_path: Path, override: str) -> None:
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_bench", "kd", override],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-bench: error: config: train."), done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

@@ -1,0 +1,92 @@
+"""Teacher logit caching: exact top-k of the teacher's distribution, resumable to byte-identical files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import small_config
+from dist_bench import models, pipeline
+from dist_bench.dataset import collate, load_examples
+from dist_bench.teacher import logit_cache
+from dist_bench.teacher.logit_cache import TopKCache
+
+
+def cache_dir(parent: pipeline.ParentRun) -> Path:
+    return parent.stages[0].outputs["logit_cache"]
+
+
+def test_cached_topk_is_the_teachers_distribution(workdir: Path) -> None:
+    cfg = small_config(workdir, "logits.top_k=5")
+    parent = pipeline.cache_logits(cfg)
+    cache = TopKCache.open(cache_dir(parent))
+    assert cache.manifest["top_k"] == 5 and cache.manifest["vocab_size"] == 258
+    assert cache.token_ids.shape == (cache.manifest["positions"], 5)
+
+    tokenizer = models.load_tokenizer(cfg.teacher.model)
+    teacher = models.load_model(cfg.teacher.model, torch.device("cpu"), "float32").eval()
+    examples = load_examples(cfg.data, tokenizer)
+    batch = collate([examples[i] for i in (3, 17)], [3, 17], tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    expected = torch.log_softmax(full[batch.predict_mask].float(), -1).topk(5)
+    rows = cache.rows([3, 17])
+    torch.testing.assert_close(cache.logprobs[rows], expected.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.token_ids[rows], expected.indices)
+    # The teacher is good: its top-1 is the data's next token almost everywhere.
+    assert (cache.token_ids[rows, 0] == batch.targets).float().mean() > 0.9
+
+
+def test_interrupted_caching_resumes_to_identical_bytes(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = pipeline.cache_logits(small_config(workdir, f"output.run_dir={workdir / 'reference'}"))
+    expected = {
+        p.relative_to(cache_dir(reference)): p.read_bytes()
+        for p in cache_dir(reference).rglob("*")
+        if p.is_file()
+    }
+
+    cfg = small_config(workdir)
+    real_write = logit_cache._write_shard
+    written: list[int] = []
+
+    def write_then_die(shard_dir: Path, shard: int, tensors: dict) -> None:
+        real_write(shard_dir, shard, tensors)
+        written.append(shard)
+        if len(written) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a scheduler's SIGINT does mid-stage
+
+    monkeypatch.setattr(logit_cache, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.cache_logits(cfg)
+    # A half-written shard from the moment of the kill must not be mistaken for a finished one.
+    stage_dir = next((workdir / "runs" / "logit_caching").iterdir())
+    (stage_dir / "logit_cache" / "shards" / "shard-00002.safetensors").write_bytes(b"torn write")
+    before_resume = json.loads((stage_dir / "energy_progress.json").read_text())
+
+    monkeypatch.setattr(logit_cache, "_write_shard", lambda *a: (written.append(a[1]), real_write(*a)))
+    resumed = pipeline.cache_logits(cfg)
+    assert written == [0, 1, 2]  # shards 0 and 1 were not recomputed
+    got = {
+        p.relative_to(cache_dir(resumed)): p.read_bytes()
+        for p in cache_dir(resumed).rglob("*")
+        if p.is_file()
+    }
+    assert got == expected
+
+    client = MlflowClient()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`dist_bench.stage` = 'logit_caching'",
+        order_by=["attributes.start_time ASC"],
+    )
+    killed, finished = runs[-2:]
+    assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
+    assert finished.data.tags["dist_bench.resumed"] == "true"
+    # The resumed run's figures include the committed part of the interrupted attempt.
+    assert finished.data.metrics["duration_s"] > before_resume["duration_s"] > 0
