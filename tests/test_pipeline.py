@@ -1,0 +1,170 @@
+"""The kd pipeline end to end on the tiny world: one parent run, three nested FINISHED stage runs with
+their metrics, tags and artifacts; identical inputs reuse stages; the report table reads it all back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import small_config
+from dist_bench import pipeline, report
+
+STAGES = ["logit_caching", "student_train", "eval"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Two kd runs that differ only in the student's temperature (sharing one teacher cache), and an
+    eval-only run of the teacher: the situations the table has to represent."""
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        first = pipeline.kd(small_config(root, "energy.codecarbon=true"))
+        again = pipeline.kd(small_config(root, "energy.codecarbon=true"))
+        warmer = pipeline.kd(small_config(root, "kd.temperature=2.0"))
+        teacher = pipeline.evaluate(small_config(root), "tinyworld:teacher")
+        table = report.run(["dist-bench"], root / "report")
+        yield {
+            "root": root,
+            "first": first,
+            "again": again,
+            "warmer": warmer,
+            "teacher": teacher,
+            "table": table,
+        }
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def test_one_parent_with_three_finished_nested_stage_runs(world: dict) -> None:
+    parent = client().get_run(world["first"].run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["dist_bench.role"] == "pipeline"
+    children = client().search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["dist_bench.stage"] for c in children) == sorted(STAGES)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert (
+            child.data.tags["dist_bench.role"] == "stage" and child.data.tags["dist_bench.pipeline"] == "kd"
+        )
+        assert child.data.tags["dist_bench.git_commit"] == parent.data.tags["dist_bench.git_commit"]
+        stage = child.data.tags["dist_bench.stage"]
+        for metric in (
+            "duration_s",
+            "tokens",
+            "tokens_per_s",
+            "cpu_energy_j",
+            "ram_energy_j",
+            "total_energy_j",
+            "j_per_token",
+            "co2e_kg",
+        ):
+            assert child.data.metrics[metric] > 0, (stage, metric)
+            assert parent.data.metrics[f"{stage}/{metric}"] == child.data.metrics[metric]
+        # No GPU here: GPU energy is absent and says why, never logged as 0.
+        assert "gpu_energy_j" not in child.data.metrics
+        assert child.data.tags["energy.gpu.source"] == "unavailable" and child.data.tags["energy.gpu.note"]
+        assert child.data.tags["energy.cpu.source"] == "estimated"
+        summary = json.loads(mlflow.artifacts.load_text(f"runs:/{child.info.run_id}/stages/{stage}.json"))
+        assert summary["tokens_processed"] == child.data.metrics["tokens"]
+        assert summary["gpu_energy_joules"] is None and summary["cpu_energy_joules"] > 0
+
+
+def test_parent_rollup_config_environment_and_summary(world: dict) -> None:
+    run = client().get_run(world["first"].run_id)
+    metrics = run.data.metrics
+    assert metrics["total/total_energy_j"] == pytest.approx(
+        sum(metrics[f"{s}/total_energy_j"] for s in STAGES)
+    )
+    assert metrics["total/tokens"] == sum(metrics[f"{s}/tokens"] for s in STAGES)
+    assert 0 <= metrics["eval/tiny_arith/exact_match"] <= 1 and 0 <= metrics["eval/tiny_mc/acc"] <= 1
+    assert run.data.params["train.optimizer.lr"] == "0.003" and run.data.params["kd.temperature"] == "1.0"
+    assert len(run.data.tags["dist_bench.config_hash"]) == 16
+    uri = f"runs:/{run.info.run_id}"
+    assert "teacher:" in mlflow.artifacts.load_text(f"{uri}/config/merged.yaml")
+    env = json.loads(mlflow.artifacts.load_text(f"{uri}/environment.json"))
+    assert env["python"] and env["packages"]["torch"] and env["pip_freeze"] and "commit" in env["git"]
+    summary = json.loads(mlflow.artifacts.load_text(f"{uri}/experiment_summary.json"))
+    assert summary["total_energy_kwh"] == pytest.approx(metrics["total/total_energy_j"] / 3.6e6)
+    assert set(summary["stages"]) == set(STAGES)
+    for stage in summary["stages"].values():
+        assert {
+            "gpu_energy_joules",
+            "cpu_energy_joules",
+            "tokens_processed",
+            "tokens_per_second",
+            "joules_per_token",
+        } <= set(stage)
+
+
+def test_final_student_and_checkpoint_are_artifacts_loadable_by_transformers(world: dict) -> None:
+    train_run = world["first"].stages[1].run_id
+    names = [a.path for a in client().list_artifacts(train_run)]
+    assert "final_model" in names and "checkpoints" in names
+    local = mlflow.artifacts.download_artifacts(f"runs:/{train_run}/final_model")
+    model = AutoModelForCausalLM.from_pretrained(local)
+    tokenizer = AutoTokenizer.from_pretrained(local)
+    assert model.config.num_hidden_layers == 2 and len(tokenizer) == model.config.vocab_size
+    checkpoints = [a.path for a in client().list_artifacts(train_run, "checkpoints")]
+    assert checkpoints and all(p.startswith("checkpoints/step-") for p in checkpoints)
+
+
+def test_identical_second_invocation_reuses_every_stage(world: dict) -> None:
+    again = world["again"]
+    assert [s.reused for s in again.stages] == [True, True, True]
+    assert [s.run_id for s in again.stages] == [s.run_id for s in world["first"].stages]
+    tags = client().get_run(again.run_id).data.tags
+    assert tags["dist_bench.reused.logit_caching"] == world["first"].stages[0].run_id
+    children = client().search_runs(["0", *_experiments()], f"tags.`mlflow.parentRunId` = '{again.run_id}'")
+    assert children == []  # nothing was recomputed
+    # The reused stages' cost is still this pipeline's cost: the roll-up carries it.
+    assert client().get_run(again.run_id).data.metrics["total/total_energy_j"] > 0
+
+
+def test_changing_a_student_setting_reuses_only_the_teacher_cache(world: dict) -> None:
+    warmer = world["warmer"]
+    assert [s.reused for s in warmer.stages] == [True, False, False]
+    assert warmer.stages[0].run_id == world["first"].stages[0].run_id
+
+
+def test_report_table_rows_amortisation_and_no_zero_energy(world: dict) -> None:
+    table = world["table"]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[1:]
+    ]
+    assert [r["pipeline"] for r in rows] == ["kd", "kd", "kd", "eval"]
+    kd_rows = rows[:3]
+    assert all(
+        r["students_sharing_teacher"] in ("3", "3.0") for r in kd_rows
+    )  # one teacher cache, three rows
+    assert rows[3]["student"] == "tinyworld:teacher" and rows[3]["teacher_kwh"] == "n/a"
+    for row in rows[:2]:  # measured with CodeCarbon: estimated CPU/RAM, marked ~
+        for column in ("total_kwh", "co2e_kg", "eval_kwh"):
+            assert row[column].startswith("~") and float(row[column][1:]) > 0
+    for row in rows[2:]:  # energy.codecarbon=false: nothing measured here, shown as n/a, never 0
+        assert row["total_kwh"] == "n/a" and row["eval_kwh"] == "n/a"
+    assert "estimated by CodeCarbon" in table
+    files = {p.name for p in (world["root"] / "report").iterdir()}
+    assert {"table.csv", "table.md", "table.html", "pareto.png"} <= files
+    report_runs = client().search_runs(_experiments(), "tags.`dist_bench.role` = 'report'")
+    assert len(report_runs) == 1
+    assert {a.path for a in client().list_artifacts(report_runs[0].info.run_id, "report")} >= {
+        "report/table.csv",
+        "report/table.html",
+    }
+
+
+def _experiments() -> list[str]:
+    return [e.experiment_id for e in client().search_experiments()]
