@@ -96,6 +96,7 @@ class StageContext:
 @dataclass
 class ParentRun:
     run_id: str
+    experiment_id: str
     cfg: RunConfig
     pipeline: str
     stages: list[StageResult] = field(default_factory=list)
@@ -103,6 +104,12 @@ class ParentRun:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def experiment_id(name: str) -> str:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
 def code_version() -> str:
@@ -128,10 +135,13 @@ def pipeline_run(
 ) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
     mlflow.set_tracking_uri(tracking_uri())
-    if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        mlflow.set_experiment(cfg.tracking.experiment_name)  # under `mlflow run` the run already has one
-    run = mlflow.start_run(run_name=run_name)
-    parent = ParentRun(run.info.run_id, cfg, pipeline)
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: continue the run it created, in its experiment
+        run = mlflow.start_run(run_name=run_name)
+    else:
+        # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which would pin every later pipeline
+        # of this process (and its subprocesses) to the first experiment.
+        run = mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment_name), run_name=run_name)
+    parent = ParentRun(run.info.run_id, run.info.experiment_id, cfg, pipeline)
     try:
         commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
         mlflow.set_tags(
@@ -197,7 +207,7 @@ def _run(
     interrupted = _mark_interrupted_attempts(key)
     prior = _read_prior_energy(stage_dir)
     started = _now()
-    run = mlflow.start_run(run_name=stage, nested=True)
+    run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id)
     run_id = run.info.run_id
     try:
         mlflow.set_tags(

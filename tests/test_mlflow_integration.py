@@ -1,0 +1,117 @@
+"""The two ways users drive it that need real MLflow processes: a separate `mlflow server` over HTTP,
+and `mlflow run . -e kd --env-manager local` reading the MLproject."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT, SMALL, small_config
+from dist_bench import pipeline
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--workers", "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up within 90 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_pipeline_against_a_real_mlflow_server(
+    server: str, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    parent = pipeline.kd(small_config(workdir))
+    client = MlflowClient(server)
+    run = client.get_run(parent.run_id)
+    assert run.info.status == "FINISHED" and "total/tokens" in run.data.metrics
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 3
+    # Artifacts travel through the server's proxied artifact store.
+    assert "final_model" in [a.path for a in client.list_artifacts(parent.stages[1].run_id)]
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
+    again = pipeline.kd(small_config(workdir))
+    assert [s.reused for s in again.stages] == [True, True, True]
+
+
+def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
+    overrides = " ".join([*SMALL, f"output.run_dir={tmp_path / 'runs'}"])
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "kd", "--env-manager", "local", "--experiment-name", "mlproject-test",
+         "-P", f"overrides={overrides}"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mlproject-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dist_bench.role") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name == "tiny-kd"
+    assert parents[0].data.tags["mlflow.project.entryPoint"] == "kd"
+    assert sorted(r.data.tags["dist_bench.stage"] for r in runs if r.data.tags.get("dist_bench.role") == "stage") == [
+        "eval", "logit_caching", "student_train",
+    ]  # fmt: skip
+
+
+def test_mlflow_run_with_a_bad_override_fails_with_exit_2_and_no_finished_run(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        [str(BIN / "python"), "entry_points/kd.py", "--overrides", "train.batch_size=lots"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dist-bench: error: config: train.batch_size (from override 'train.batch_size=lots'): "
+        "Input should be a valid integer, unable to parse string as an integer"
+    ]
