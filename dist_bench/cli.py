@@ -13,6 +13,7 @@ it can be caught that early; a stage that fails is marked FAILED in MLflow, neve
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,9 +40,9 @@ def main_(overrides: Overrides = None) -> None:
 @app.command("kd")
 def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
+    cfg = _load(config, overrides)  # before the heavy imports: bad input fails in a second
     from dist_bench import pipeline
 
-    cfg = _load(config, overrides)
     run = _guarded(lambda: pipeline.kd(cfg))
     _print_stages(run)
 
@@ -49,9 +50,9 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
 @app.command("cache_logits")
 def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
+    cfg = _load(config, overrides)
     from dist_bench import pipeline
 
-    cfg = _load(config, overrides)
     run = _guarded(lambda: pipeline.cache_logits(cfg))
     _print_stages(run)
 
@@ -64,13 +65,13 @@ def eval_(
     overrides: Overrides = None,
 ) -> None:
     """Evaluate one model on the config's lm-eval tasks (a parent run with one `eval` stage)."""
-    from dist_bench import pipeline
-
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
     if not model.strip():
         _fail("--model: empty")
     cfg = _load(config, overrides)
+    from dist_bench import pipeline
+
     run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype))
     _print_stages(run)
 
@@ -92,7 +93,7 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
         cfg = load_config(config, overrides or [])
     except ConfigError as err:
         _fail(str(err))
-    _quiet_libraries()
+    _prepare_process()
     return cfg
 
 
@@ -119,7 +120,10 @@ def _print_stages(run: object) -> None:
     typer.echo(f"parent run: {run.run_id}")  # type: ignore[attr-defined]
 
 
-def _quiet_libraries() -> None:
+def _prepare_process() -> None:
+    # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: raise KeyboardInterrupt so the running stage is
+    # marked KILLED and its committed work is kept for the resume, instead of a run left RUNNING forever.
+    signal.signal(signal.SIGTERM, _interrupt)
     # Progress bars and advisory warnings from transformers/datasets drown the lines that matter.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -127,6 +131,10 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run_entry_point(subcommand: str) -> None:
