@@ -126,6 +126,8 @@ def _prepare_process() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     # Progress bars and advisory warnings from transformers/datasets drown the lines that matter.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 

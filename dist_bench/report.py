@@ -5,7 +5,8 @@
 Roles group stages as in the stage-wise protocol: prerun / teacher (logit_caching, teacher_generation) /
 student (student_train, dpo_training) / eval. Energy figures that include an estimated component (CPU or
 RAM from CodeCarbon's estimate) carry a `~`; a figure that could not be measured is shown as `n/a`, never
-0. Teacher energy is amortised over the rows that reused the same teacher stage run; break-even is the
+0. Teacher energy is amortised over the distinct students trained on the same teacher output (stage
+run); `reused` names the stages a row took from earlier runs instead of recomputing; break-even is the
 number of students that must share one teacher output before its amortised cost per student falls below
 one student's training energy. Markdown goes to the terminal; CSV, HTML and a Pareto plot of energy
 against quality are artifacts of a `dist_bench.role=report` run.
@@ -14,8 +15,6 @@ against quality are artifacts of a `dist_bench.role=report` run.
 from __future__ import annotations
 
 import math
-import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +94,8 @@ def _row_facts(run: Any) -> dict[str, Any]:
             tags.get(f"{s}/energy.{c}.source") == "estimated" for s in _stages() for c in ("cpu", "ram")
         ),
         "teacher_stage_run": next((tags[t] for t in _teacher_stage_tags() if t in tags), None),
+        "student_stage_run": next((tags[t] for t in _student_stage_tags() if t in tags), None),
+        "reused": "+".join(s for s in _stages() if f"dist_bench.reused.{s}" in tags) or "-",
     }
     for role, stages in ROLES.items():
         joules = [metrics[f"{s}/total_energy_j"] for s in stages if f"{s}/total_energy_j" in metrics]
@@ -108,14 +109,19 @@ def _row_facts(run: Any) -> dict[str, Any]:
 
 
 def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    shared = Counter(r["teacher_stage_run"] for r in rows if r["teacher_stage_run"])
+    # Students per teacher output: distinct student training runs, so a repeated pipeline that reused
+    # everything does not pretend to have trained another student.
+    students_of: dict[str, set[str]] = {}
+    for r in rows:
+        if r["teacher_stage_run"] and r["student_stage_run"]:
+            students_of.setdefault(r["teacher_stage_run"], set()).add(r["student_stage_run"])
     records = []
     for r in rows:
-        record = {k: r[k] for k in ("run", "pipeline", "teacher", "student", "data", "tokens")}
+        record = {k: r[k] for k in ("run", "pipeline", "teacher", "student", "data", "tokens", "reused")}
         for role in ROLES:
             record[f"{role}_kwh"] = r[f"{role}_kwh"]
         record.update({k: r[k] for k in ("total_kwh", "net_kwh", "co2e_kg", "wall_s", "j_per_token")})
-        students = shared.get(r["teacher_stage_run"], 0)
+        students = len(students_of.get(r["teacher_stage_run"], ()))
         teacher, student = r["teacher_kwh"], r["student_kwh"]
         record["teacher_kwh_amortised"] = teacher / students if teacher is not None and students else None
         record["students_sharing_teacher"] = students or None
@@ -142,7 +148,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     if table.get("estimated_energy") is not None and table["estimated_energy"].any():
         lines.append("")
         lines.append(
-            f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no RAPL); GPU energy is NVML-measured."
+            f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no RAPL); GPU energy, where present, is from NVML's energy counter."
         )
     return "\n".join(lines)
 
@@ -200,4 +206,5 @@ def _teacher_stage_tags() -> list[str]:
     return [f"dist_bench.stage_run.{s}" for s in ROLES["teacher"]]
 
 
-__all__ = ["build_table", "run", "tempfile", "to_markdown"]
+def _student_stage_tags() -> list[str]:
+    return [f"dist_bench.stage_run.{s}" for s in ROLES["student"]]

@@ -31,7 +31,7 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dist_bench import environment
@@ -410,9 +410,7 @@ def _log_artifact(path: Path, name: str) -> None:
         mlflow.log_artifact(str(path), name if "/" in name else None)
 
 
-def _metric(key: str, value: float, step: int = 0) -> Any:
-    from mlflow.entities import Metric
-
+def _metric(key: str, value: float, step: int = 0) -> Metric:
     return Metric(key, float(value), int(time.time() * 1000), step)
 
 
@@ -438,14 +436,3 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-__all__ = [
-    "RunStatus",
-    "StageContext",
-    "StageResult",
-    "StageWork",
-    "execute_stage",
-    "pipeline_run",
-    "tracking_uri",
-]

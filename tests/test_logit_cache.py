@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import small_config
+from conftest import SMALL, small_config
 from dist_bench import models, pipeline
+from dist_bench.config import load_config
 from dist_bench.dataset import collate, load_examples
 from dist_bench.teacher import logit_cache
 from dist_bench.teacher.logit_cache import TopKCache
@@ -90,3 +95,43 @@ def test_interrupted_caching_resumes_to_identical_bytes(
     assert finished.data.tags["dist_bench.resumed"] == "true"
     # The resumed run's figures include the committed part of the interrupted attempt.
     assert finished.data.metrics["duration_s"] > before_resume["duration_s"] > 0
+
+
+def test_sigkilled_caching_process_resumes_and_its_run_is_marked_killed(workdir: Path) -> None:
+    """A real kill -9 mid-stage: no exception handler runs, the MLflow run is left RUNNING."""
+    overrides = [*SMALL, "data.max_samples=480", "logits.shard_size=24", f"output.run_dir={workdir / 'runs'}"]
+    reference = pipeline.cache_logits(
+        load_config(None, [*overrides, f"output.run_dir={workdir / 'reference'}"])
+    )
+    expected = {
+        p.relative_to(cache_dir(reference)): p.read_bytes()
+        for p in cache_dir(reference).rglob("*")
+        if p.is_file()
+    }
+
+    process = subprocess.Popen([sys.executable, "-m", "dist_bench", "cache_logits", *overrides], cwd=workdir)
+    shards = workdir / "runs" / "logit_caching"
+    deadline = time.time() + 120
+    while not list(shards.glob("*/logit_cache/shards/shard-00001.json")):
+        assert process.poll() is None and time.time() < deadline, "caching ended before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list(shards.glob("*/logit_cache/manifest.json"))  # killed before the end
+
+    resumed = pipeline.cache_logits(load_config(None, overrides))
+    got = {
+        p.relative_to(cache_dir(resumed)): p.read_bytes()
+        for p in cache_dir(resumed).rglob("*")
+        if p.is_file()
+    }
+    assert got == expected
+    client = MlflowClient()
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`dist_bench.stage` = 'logit_caching'"
+    )
+    killed = [r for r in runs if r.data.tags.get("dist_bench.interrupted") == "true"]
+    assert len(killed) == 1 and killed[0].info.status == "KILLED"
+    assert (
+        client.get_run(resumed.stages[0].run_id).data.tags["dist_bench.resumed_from"] == killed[0].info.run_id
+    )

@@ -19,8 +19,8 @@ STAGES = ["logit_caching", "student_train", "eval"]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Two kd runs that differ only in the student's temperature (sharing one teacher cache), and an
-    eval-only run of the teacher: the situations the table has to represent."""
+    """A kd run, its identical repeat, one differing only in the temperature (all three sharing one
+    teacher cache) and an eval-only run of the teacher: the situations the table has to represent."""
     root = tmp_path_factory.mktemp("pipeline")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -31,6 +31,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         warmer = pipeline.kd(small_config(root, "kd.temperature=2.0"))
         teacher = pipeline.evaluate(small_config(root), "tinyworld:teacher")
         table = report.run(["dist-bench"], root / "report")
+        # After the report (whose test counts rows): the student straight from its MLflow artifact.
+        logged = pipeline.evaluate(small_config(root), f"runs:/{first.stages[1].run_id}/final_model")
         yield {
             "root": root,
             "first": first,
@@ -38,6 +40,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "warmer": warmer,
             "teacher": teacher,
             "table": table,
+            "logged": logged,
         }
 
 
@@ -117,6 +120,13 @@ def test_final_student_and_checkpoint_are_artifacts_loadable_by_transformers(wor
     assert model.config.num_hidden_layers == 2 and len(tokenizer) == model.config.vocab_size
     checkpoints = [a.path for a in client().list_artifacts(train_run, "checkpoints")]
     assert checkpoints and all(p.startswith("checkpoints/step-") for p in checkpoints)
+
+
+def test_eval_of_the_logged_student_reproduces_the_pipelines_scores(world: dict) -> None:
+    in_pipeline = world["first"].stages[2].metrics
+    standalone = world["logged"].stages[0].metrics
+    quality = [k for k in in_pipeline if k.startswith("eval/tiny_")]
+    assert quality and all(standalone[k] == in_pipeline[k] for k in quality)
 
 
 def test_identical_second_invocation_reuses_every_stage(world: dict) -> None:

@@ -14,7 +14,6 @@ bit-for-bit: weights, optimizer, scheduler, RNG states, step and token counters.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -307,6 +306,3 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-__all__ = ["kd_loss", "math", "plan_steps", "run", "train"]
