@@ -156,9 +156,9 @@ def test_report_table_rows_amortisation_and_no_zero_energy(world: dict) -> None:
     ]
     assert [r["pipeline"] for r in rows] == ["kd", "kd", "kd", "eval"]
     kd_rows = rows[:3]
-    assert all(
-        r["students_sharing_teacher"] in ("3", "3.0") for r in kd_rows
-    )  # one teacher cache, three rows
+    # One teacher cache, two distinct students: the identical repeat trained nothing new.
+    assert all(r["students_sharing_teacher"] == "2" for r in kd_rows)
+    assert [r["reused"] for r in kd_rows] == ["-", "logit_caching+student_train+eval", "logit_caching"]
     assert rows[3]["student"] == "tinyworld:teacher" and rows[3]["teacher_kwh"] == "n/a"
     for row in rows[:2]:  # measured with CodeCarbon: estimated CPU/RAM, marked ~
         for column in ("total_kwh", "co2e_kg", "eval_kwh"):
