@@ -34,7 +34,7 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment
+from dist_bench import environment, models
 from dist_bench.config import RunConfig, config_hash
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 
@@ -113,13 +113,12 @@ def experiment_id(name: str) -> str:
 
 
 def code_version() -> str:
-    """Git commit of the dist_bench checkout; a dirty tree adds a hash of its diff (or the package version)."""
+    """Git commit of the dist_bench checkout, plus a hash of its diff when dirty; without git, a source hash."""
     checkout = Path(__file__).resolve().parent.parent
     commit, dirty = environment.git_state(checkout)
-    if commit is None:
-        from importlib.metadata import version
-
-        return f"dist-bench=={version('dist-bench')}"
+    if commit is None:  # an installed copy or a bare copy of the tree: the source itself is the version
+        package = Path(__file__).resolve().parent
+        return "src." + models.hash_files(sorted(package.rglob("*.py")), root=package)[:16]
     if not dirty:
         return commit
     # Uncommitted edits change what the code does: key them by the diff of the package source.
