@@ -14,9 +14,8 @@ import torch
 sys.path.insert(0, os.getcwd())
 from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from dist_bench.tinyworld import data as D
+from dist_bench.tinyworld.build import greedy_accuracy, new_model
 from dist_bench.tinyworld.tokenizer import build_tokenizer
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,49 +33,16 @@ def run(d, L, lr, bs, amax, steps, every, seed=0):
         p = tok(r["prompt"])["input_ids"]
         c = tok(r["completion"])["input_ids"] + [tok.eos_token_id]
         encs.append((p + c, [-100] * len(p) + c))
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=d,
-        num_hidden_layers=L,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=4 * d,
-        max_position_embeddings=128,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    m = LlamaForCausalLM(cfg).to(dev)
+    shape = {"hidden_size": d, "num_hidden_layers": L, "num_attention_heads": 4, "intermediate_size": 4 * d}
+    m = new_model(tok, shape, seed).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    ae = [json.loads(line) for line in Path(paths["arith_eval"]).read_text().splitlines()]
-    me = [json.loads(line) for line in Path(paths["mc_eval"]).read_text().splitlines()]
-    letters = [tok(" " + letter)["input_ids"][-1] for letter in D.MC_LETTERS]
+    data_dir = Path(paths["arith_eval"]).parent
 
-    def evaluate():
-        m.eval()
-        tok.padding_side = "left"
-        correct = 0
-        with torch.no_grad():
-            b = tok([D.arith_prompt(x) for x in ae], return_tensors="pt", padding=True).to(dev)
-            out = m.generate(
-                **b,
-                max_new_tokens=8,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-            for x, o in zip(ae, out, strict=False):
-                correct += (
-                    tok.decode(o[b["input_ids"].shape[1] :], skip_special_tokens=True).strip() == x["answer"]
-                )
-            b = tok([D.mc_prompt(x) + " " for x in me], return_tensors="pt", padding=True).to(dev)
-            lp = m(**b).logits[torch.arange(len(me)), b["attention_mask"].sum(1) - 1][:, letters]
-            c = sum(int(a) == x["answer"] for a, x in zip(lp.argmax(-1), me, strict=False))
+    def evaluate() -> tuple[float, float]:
+        scores = greedy_accuracy(m, tok, data_dir)
         m.train()
-        tok.padding_side = "right"
-        return round(correct / len(ae), 3), round(c / len(me), 3)
+        return round(scores["arith_exact_match"], 3), round(scores["mc_acc"], 3)
 
     rng = random.Random(seed)
     hist = []

@@ -25,6 +25,15 @@ def cache_dir(parent: pipeline.ParentRun) -> Path:
     return parent.stages[0].outputs["logit_cache"]
 
 
+def logit_caching_runs() -> list:
+    client = MlflowClient()
+    return client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`dist_bench.stage` = 'logit_caching'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
 def test_cached_topk_is_the_teachers_distribution(workdir: Path) -> None:
     cfg = small_config(workdir, "logits.top_k=5")
     parent = pipeline.cache_logits(cfg)
@@ -84,13 +93,7 @@ def test_interrupted_caching_resumes_to_identical_bytes(
     }
     assert got == expected
 
-    client = MlflowClient()
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        "tags.`dist_bench.stage` = 'logit_caching'",
-        order_by=["attributes.start_time ASC"],
-    )
-    killed, finished = runs[-2:]
+    killed, finished = logit_caching_runs()[-2:]
     assert killed.info.status == "KILLED" and finished.info.status == "FINISHED"
     assert finished.data.tags["dist_bench.resumed"] == "true"
     # The resumed run's figures include the committed part of the interrupted attempt.
@@ -126,12 +129,10 @@ def test_sigkilled_caching_process_resumes_and_its_run_is_marked_killed(workdir:
         if p.is_file()
     }
     assert got == expected
-    client = MlflowClient()
-    runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], "tags.`dist_bench.stage` = 'logit_caching'"
-    )
+    runs = logit_caching_runs()
     killed = [r for r in runs if r.data.tags.get("dist_bench.interrupted") == "true"]
     assert len(killed) == 1 and killed[0].info.status == "KILLED"
     assert (
-        client.get_run(resumed.stages[0].run_id).data.tags["dist_bench.resumed_from"] == killed[0].info.run_id
+        MlflowClient().get_run(resumed.stages[0].run_id).data.tags["dist_bench.resumed_from"]
+        == killed[0].info.run_id
     )
