@@ -93,7 +93,6 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
         cfg = load_config(config, overrides or [])
     except ConfigError as err:
         _fail(str(err))
-    _prepare_process()
     return cfg
 
 
@@ -120,19 +119,25 @@ def _print_stages(run: object) -> None:
     typer.echo(f"parent run: {run.run_id}")  # type: ignore[attr-defined]
 
 
+@app.callback()
 def _prepare_process() -> None:
+    """Runs before every subcommand; cheap on purpose (bad input must fail fast)."""
     # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: raise KeyboardInterrupt so the running stage is
     # marked KILLED and its committed work is kept for the resume, instead of a run left RUNNING forever.
     signal.signal(signal.SIGTERM, _interrupt)
-    # Progress bars and advisory warnings from transformers/datasets drown the lines that matter.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's per-request bars
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # Progress bars and INFO chatter from MLflow, transformers, datasets and lm-eval drown the lines that
+    # matter (and the one-line errors). Environment variables, so the libraries need not be imported here.
+    quiet = {
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)
 
 
 def _interrupt(signum: int, frame: object) -> None:

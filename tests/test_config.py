@@ -97,3 +97,27 @@ def test_cli_config_error_exits_2_with_one_line_and_starts_nothing(tmp_path: Pat
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dist-bench: error: config: train."), done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("entry_point", ["main", "kd", "cache_logits", "eval", "report"])
+def test_every_entry_point_script_reaches_the_cli(tmp_path: Path, entry_point: str) -> None:
+    args = ["--model", "tinyworld:teacher"] if entry_point == "eval" else []
+    if entry_point == "report":  # no config: a bad argument instead
+        args, overrides = ["--experiment", "nope"], []
+    else:
+        overrides = ["--overrides", "seed=1 train.nope=2"]
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "entry_points" / f"{entry_point}.py"), *args, *overrides],
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    expected = (
+        "no experiment named 'nope'"
+        if entry_point == "report"
+        else "config: train.nope (from override 'train.nope=2'): unknown key"
+    )
+    assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
