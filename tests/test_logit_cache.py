@@ -50,7 +50,7 @@ def test_cached_topk_is_the_teachers_distribution(workdir: Path) -> None:
     expected = torch.log_softmax(full[batch.predict_mask].float(), -1).topk(5)
     rows = cache.rows([3, 17])
     torch.testing.assert_close(cache.logprobs[rows], expected.values, atol=1e-5, rtol=1e-5)
-    assert torch.equal(cache.token_ids[rows], expected.indices)
+    assert torch.equal(cache.token_ids[rows].long(), expected.indices)
     # The teacher is good: its top-1 is the data's next token almost everywhere.
     assert (cache.token_ids[rows, 0] == batch.targets).float().mean() > 0.9
 

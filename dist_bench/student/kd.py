@@ -112,14 +112,14 @@ def train(cfg: RunConfig, cache_dir: Path, ctx: StageContext) -> StageWork:
             collate([examples[i] for i in ids], ids, tokenizer.pad_token_id) for ids in schedule[state.step]
         ]
         supervised = sum(b.supervised_tokens for b in micro_batches)
-        totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        totals = torch.zeros(3, device=device)  # loss, ce, kl; stays on the device: no sync per step
         for batch in micro_batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, ce, kl = kd_loss(student, batch, cache, cfg, device)
             # Sum over positions / positions in the whole step: every supervised token weighs the same.
-            (loss * batch.supervised_tokens / supervised).backward()
-            for name, value in (("loss", loss), ("ce", ce), ("kl", kl)):
-                totals[name] += value.item() * batch.supervised_tokens / supervised
+            weight = batch.supervised_tokens / supervised
+            (loss * weight).backward()
+            totals += torch.stack([loss.detach(), ce, kl]) * weight
             state.tokens += batch.tokens
             state.padded_tokens += batch.padded_tokens
             state.supervised_tokens += batch.supervised_tokens
@@ -128,13 +128,13 @@ def train(cfg: RunConfig, cache_dir: Path, ctx: StageContext) -> StageWork:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        last_logged = {f"train/{k}": v for k, v in totals.items()}
         if state.step % cfg.train.log_every == 0 or state.step == len(schedule):
+            last_logged = dict(zip(("train/loss", "train/ce", "train/kl"), totals.tolist(), strict=True))
             ctx.log_metrics(
                 {
                     **last_logged,
                     "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": grad_norm,
+                    "train/grad_norm": float(grad_norm),
                     "train/tokens": state.tokens,
                 },
                 step=state.step,
@@ -184,9 +184,9 @@ def kd_loss(
     logits = student.get_output_embeddings()(hidden[batch.predict_mask.to(device)]).float()  # [P, V]
     ce = F.cross_entropy(logits, batch.targets.to(device))
     rows = cache.rows(batch.indices)
-    teacher_ids = cache.token_ids[rows].to(device)
+    teacher_ids = cache.token_ids[rows].to(device).long()
     temperature = cfg.kd.temperature
-    teacher_logp = torch.log_softmax(cache.logprobs[rows].to(device) / temperature, dim=-1)
+    teacher_logp = torch.log_softmax(cache.logprobs[rows].to(device).float() / temperature, dim=-1)
     student_logp = torch.log_softmax(logits / temperature, dim=-1).gather(1, teacher_ids)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
     loss = cfg.kd.ce_weight * ce + (1 - cfg.kd.ce_weight) * temperature**2 * kl
@@ -278,11 +278,11 @@ def load_checkpoint(
     return TrainState(**json.loads((path / "train_state.json").read_text()))
 
 
-def _clip(model: PreTrainedModel, max_norm: float | None) -> float:
-    if max_norm is None:
-        norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+def _clip(model: PreTrainedModel, max_norm: float | None) -> torch.Tensor:
+    """The gradient norm (clipped to max_norm when set), as a tensor: reading it would sync the device."""
+    return torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm if max_norm is not None else float("inf")
+    )
 
 
 def _seed_everything(seed: int) -> None:

@@ -178,8 +178,8 @@ class TopKCache:
     """A finished cache, loaded for training: rows of one sequence by its dataset index."""
 
     manifest: dict
-    token_ids: torch.Tensor  # [P, k] int64
-    logprobs: torch.Tensor  # [P, k] float32
+    token_ids: torch.Tensor  # [P, k] int32, as stored: half the memory of int64
+    logprobs: torch.Tensor  # [P, k] as stored (float32 or float16)
     row_start: torch.Tensor  # [N] first row of sequence i
     row_count: torch.Tensor  # [N]
 
@@ -203,8 +203,8 @@ class TopKCache:
             row_start[tensors["sequence_index"]] = tensors["offsets"][:-1] + rows
             row_count[tensors["sequence_index"]] = counts
             rows += tensors["token_ids"].shape[0]
-            ids.append(tensors["token_ids"].long())
-            logprobs.append(tensors["logprobs"].float())
+            ids.append(tensors["token_ids"])
+            logprobs.append(tensors["logprobs"])
         return cls(manifest, torch.cat(ids), torch.cat(logprobs), row_start, row_count)
 
     def rows(self, indices: list[int]) -> torch.Tensor:
