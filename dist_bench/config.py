@@ -113,9 +113,36 @@ class EvalConfig(Strict):
 
 class EnergyConfig(Strict):
     enabled: bool = True
-    codecarbon: bool = Field(True, description="CPU/RAM estimate and CO2e from CodeCarbon's offline tracker")
+    codecarbon: bool = Field(
+        True, description="CPU/RAM estimate (when RAPL is unreadable) and CO2e from CodeCarbon's offline data"
+    )
     country_iso_code: str = Field(
         "USA", min_length=3, max_length=3, description="grid for CO2e (ISO 3166 alpha-3)"
+    )
+    sample_interval_ms: int = Field(
+        100,
+        ge=5,
+        le=60_000,
+        description="GPU power/memory/utilisation sampling period (timeline, peaks, cross-check)",
+    )
+    warmup_s: float = Field(
+        0.0,
+        ge=0,
+        description="seconds at the start of each stage reported separately from the post-warmup figures",
+    )
+    idle_power_w: float | None = Field(
+        None,
+        ge=0,
+        description="idle draw per GPU for net energy; unset: the prerun baseline or idle_measure_s",
+    )
+    idle_measure_s: float = Field(
+        0.0,
+        ge=0,
+        description="measure GPU idle power this long before the first stage (when idle_power_w is unset)",
+    )
+    results_csv: str | None = Field(
+        "energy_results.csv",
+        description="a row per stage appended here (relative to output.run_dir); null: off",
     )
 
 

@@ -37,6 +37,8 @@ from mlflow.tracking import MlflowClient
 from dist_bench import environment, models
 from dist_bench.config import RunConfig, config_hash
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
+from dist_bench.energy.gpu import measure_idle_power_w
+from dist_bench.energy.outputs import StageSeries, append_results_row, plot_timeline, write_timeline_csv
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "dist_bench.role"
@@ -100,6 +102,9 @@ class ParentRun:
     cfg: RunConfig
     pipeline: str
     stages: list[StageResult] = field(default_factory=list)
+    idle_power_w: float | None = None  # per GPU, for the stages' net energy
+    idle_source: str = "none"  # config | measured | prerun | none
+    timeline: list[StageSeries] = field(default_factory=list)
 
 
 def tracking_uri() -> str:
@@ -156,6 +161,7 @@ def pipeline_run(
         _log_params(parent.run_id, cfg.flat())
         mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/merged.yaml")
         mlflow.log_dict(environment.snapshot(), "environment.json")
+        _set_idle_power(parent)
         yield parent
         _log_rollup(parent)
     except BaseException as err:
@@ -224,7 +230,9 @@ def _run(
             }
         )
         _log_params(run_id, params)
-        window = EnergyWindow(cfg.energy, stage_dir, stage)
+        window = EnergyWindow(
+            cfg.energy, stage_dir, stage, idle_power_w=parent.idle_power_w, idle_source=parent.idle_source
+        )
         with window:
             ctx = StageContext(stage, run_id, stage_dir, window, prior)
             done = work(ctx)
@@ -239,6 +247,8 @@ def _run(
         mlflow.log_dict(summary, f"stages/{stage}.json")
         for name, path in {**done.outputs, **done.artifacts}.items():
             _log_artifact(path, name)
+        _log_timeline(parent, stage, window, stage_dir)
+        _append_results_row(parent, stage, run_id, metrics, energy, tags)
         _write_json_atomic(stage_dir / f"{stage}.json", summary)
         _write_json_atomic(stage_dir / DONE, {"run_id": run_id, "fingerprints": done.fingerprints})
     except BaseException as err:
@@ -314,7 +324,8 @@ def _log_stage_rollup(parent: ParentRun, result: StageResult) -> None:
             client.set_tag(parent.run_id, f"{result.stage}/energy.{component}.source", source)
 
 
-TOTALS = ("duration_s", "tokens", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "total_energy_j", "co2e_kg")
+TOTALS = ("duration_s", "tokens", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "total_energy_j", "co2e_kg",
+          "net_energy_j", "gpu_energy_uncertainty_j")  # fmt: skip
 
 
 def _log_rollup(parent: ParentRun) -> None:
@@ -330,7 +341,12 @@ def _log_rollup(parent: ParentRun) -> None:
             totals["j_per_token"] = totals["total_energy_j"] / totals["tokens"]
     if totals.get("duration_s") and totals.get("tokens"):
         totals["tokens_per_s"] = totals["tokens"] / totals["duration_s"]
+    if "net_energy_j" in totals:
+        totals["net_energy_kwh"] = totals["net_energy_j"] / 3.6e6
     MlflowClient().log_batch(parent.run_id, metrics=[_metric(f"total/{k}", v) for k, v in totals.items()])
+    plot = plot_timeline(parent.timeline, Path(tempfile.mkdtemp()) / "power_timeline.png")
+    if plot:
+        mlflow.log_artifact(str(plot), "energy")
     summary = {
         "pipeline": parent.pipeline,
         "run_id": parent.run_id,
@@ -388,6 +404,94 @@ def _stage_summary(
 
 def parent_tag(parent: ParentRun, name: str) -> str:
     return MlflowClient().get_run(parent.run_id).data.tags.get(name, "")
+
+
+def _set_idle_power(parent: ParentRun) -> None:
+    """Idle draw per GPU for net energy: the config's value, else a short measurement if asked for."""
+    energy = parent.cfg.energy
+    if not energy.enabled:
+        return
+    if energy.idle_power_w is not None:
+        parent.idle_power_w, parent.idle_source = energy.idle_power_w, "config"
+    elif energy.idle_measure_s > 0:
+        watts, how = measure_idle_power_w(energy.idle_measure_s)
+        if watts is not None:
+            parent.idle_power_w, parent.idle_source = watts, "measured"
+        mlflow.set_tag("energy.idle.note", how)
+    if parent.idle_power_w is not None:
+        mlflow.log_metric("idle_power_w_per_gpu", parent.idle_power_w)
+    mlflow.set_tag("energy.idle.source", parent.idle_source)
+
+
+def _log_timeline(parent: ParentRun, stage: str, window: EnergyWindow, stage_dir: Path) -> None:
+    """The stage's power timeline as CSV + PNG on its run; kept for the pipeline-wide plot."""
+    if not window.samples or window.started_at is None or window.ended_at is None:
+        return
+    series = StageSeries(stage, window.started_at, window.ended_at, window.samples)
+    parent.timeline.append(series)
+    mlflow.log_artifact(
+        str(write_timeline_csv(series, stage_dir / "energy" / "power_timeline.csv")), "energy"
+    )
+    plot = plot_timeline([series], stage_dir / "energy" / "power_timeline.png")
+    if plot:
+        mlflow.log_artifact(str(plot), "energy")
+
+
+def _append_results_row(
+    parent: ParentRun,
+    stage: str,
+    run_id: str,
+    metrics: dict[str, float],
+    energy: EnergyReading,
+    tags: dict[str, str],
+) -> None:
+    """Seed 004's results CSV: one row per stage, for analysis with pandas outside MLflow."""
+    cfg = parent.cfg
+    if not cfg.energy.results_csv:
+        return
+    path = Path(cfg.output.run_dir) / cfg.energy.results_csv
+    model = next(
+        (
+            v
+            for k, v in tags.items()
+            if k in ("dist_bench.teacher", "dist_bench.student", "dist_bench.eval_model")
+        ),
+        "",
+    )
+    total = metrics.get("total_energy_j")
+    post_warmup = metrics.get("post_warmup_energy_j", total)
+    append_results_row(
+        path,
+        {
+            "tokens_processed": int(metrics.get("tokens", 0)),
+            "wall_s": energy.duration_s,
+            "warmup_s": metrics.get("warmup_s", 0.0),
+            "energy_J": post_warmup,
+            "avg_power_W": energy.avg_power_w,
+            "peak_power_W": energy.peak_power_w,
+            "tok_per_s": metrics.get("tokens_per_s"),
+            "J_per_token": metrics.get("j_per_token"),
+            "E10k_J": metrics.get("energy_per_10k_tokens_j"),
+            "vram_peak_MB": energy.vram_peak_mb,
+            "vram_avg_MB": energy.vram_avg_mb,
+            "run_id": run_id,
+            "parent_run_id": parent.run_id,
+            "pipeline": parent.pipeline,
+            "stage": stage,
+            "model": model,
+            "dataset": cfg.data.train,
+            "backend": "transformers",
+            "optimizer": "adamw",
+            "batch_size": cfg.train.batch_size,
+            "grad_accum": cfg.train.grad_accum,
+            "seq_len": cfg.data.max_length,
+            "precision": cfg.train.precision,
+            "seed": cfg.seed,
+            "gpu_source": energy.gpu_source,
+            "cpu_source": energy.cpu_source,
+            "notes": "; ".join(f"{k}: {v}" for k, v in energy.notes.items()),
+        },
+    )
 
 
 def _read_prior_energy(stage_dir: Path) -> EnergyReading | None:

@@ -209,8 +209,13 @@ def test_codecarbon_false_leaves_cpu_and_ram_unavailable(tmp_path: Path) -> None
         pass
     reading = window.reading
     assert reading.cpu_energy_j is None and reading.ram_energy_j is None and reading.co2e_kg is None
-    assert reading.notes["cpu"] == reading.notes["ram"] == "energy.codecarbon=false"
-    assert reading.notes["co2e"] == "energy.codecarbon=false"
+    # Neither RAPL (not on this machine) nor the estimate: absent, and the note says both.
+    assert (
+        reading.notes["cpu"]
+        == reading.notes["ram"]
+        == "no RAPL: /sys/class/powercap not present; energy.codecarbon=false"
+    )
+    assert reading.notes["co2e"].startswith("energy.codecarbon=false")
     assert not (tmp_path / "codecarbon").exists()
 
 
@@ -223,16 +228,23 @@ def test_real_window_on_this_cpu_machine(tmp_path: Path, capfd: pytest.CaptureFi
         read_s = time.perf_counter() - started
         busy(0.4)
 
-    assert read_s < 0.05  # read() is called at checkpoints: it must be cheap
+    # read() is called at checkpoints: it must not measure or sleep (CodeCarbon's own measurement takes
+    # about a second). A loose bound: a loaded CI machine must not make this test flaky.
+    assert read_s < 0.5
     assert so_far.cpu_energy_j > 0 and so_far.ram_energy_j > 0
     reading = window.reading
-    assert reading.duration_s == pytest.approx(1.0, abs=0.3)
+    assert 1.0 <= reading.duration_s < 5.0  # the busy work, without CodeCarbon's start-up
     assert reading.cpu_energy_j > so_far.cpu_energy_j > 0
     assert reading.ram_energy_j > so_far.ram_energy_j > 0
     assert (reading.cpu_source, reading.ram_source) == ("estimated", "estimated")
     assert reading.gpu_energy_j is None and reading.gpu_source == "unavailable"
     assert reading.notes["gpu"] == "no CUDA device visible to torch"
-    assert "cpu" not in reading.notes and "ram" not in reading.notes
+    # The estimate says why it is one.
+    assert (
+        reading.notes["cpu"]
+        == reading.notes["ram"]
+        == "CodeCarbon estimate (no RAPL: /sys/class/powercap not present)"
+    )
 
     # CodeCarbon's CSV row is the same window: same energy, and its emissions are our CO2e (no GPU here).
     rows = list(csv.DictReader((tmp_path / "codecarbon" / "emissions.csv").open()))
@@ -318,9 +330,11 @@ def test_stage_metrics_use_design_names_and_omit_absent_values() -> None:
         "total_energy_j",
         "total_energy_kwh",
         "j_per_token",
+        "energy_per_10k_tokens_j",
         "co2e_kg",
     }
     assert metrics["total_energy_j"] == 1250.0
+    assert metrics["energy_per_10k_tokens_j"] == 10_000.0
     assert metrics["total_energy_kwh"] == pytest.approx(1250 / 3.6e6)
     assert metrics["j_per_token"] == 1.0
     assert metrics["tokens_per_s"] == 125.0
@@ -342,6 +356,7 @@ def test_stage_tags_carry_sources_and_every_note() -> None:
         "energy.gpu.source": "unavailable",
         "energy.cpu.source": "estimated",
         "energy.ram.source": "estimated",
+        "energy.idle.source": "none",
         "energy.gpu.note": "NVML unavailable: Driver Not Loaded",
     }
 

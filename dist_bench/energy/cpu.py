@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 J_PER_KWH = 3.6e6
-SOURCE = "estimated"  # RAPL-backed readings are a later issue; until then never claim more than an estimate
+SOURCE = (
+    "estimated"  # CodeCarbon's figures here are always estimates; measured RAPL figures come from rapl.py
+)
 
 _LOG = logging.getLogger("codecarbon")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MJ_PER_J = 1000.0
@@ -26,6 +27,7 @@ class GpuEnergy:
     energy_j: float | None
     gpus: tuple[str, ...] = ()
     note: str | None = None
+    per_gpu_j: dict[str, float] = field(default_factory=dict)  # uuid key -> joules, to count each GPU once
 
 
 class _Unavailable(Exception):
@@ -50,12 +52,21 @@ def uuid_key(uuid: object) -> str:
 
 
 def torch_cuda_uuids() -> list[str]:
-    """UUIDs of the CUDA devices visible to torch (CUDA_VISIBLE_DEVICES applied), [] when none."""
+    """UUIDs of the CUDA devices this process uses, [] when none.
+
+    CUDA_VISIBLE_DEVICES is applied by torch. Under torchrun/accelerate (LOCAL_RANK set) a process that
+    sees several devices uses only cuda:LOCAL_RANK, so each rank measures its own GPU and the ranks'
+    windows add up without counting a GPU twice.
+    """
     import torch
 
     if not torch.cuda.is_available():
         return []
-    return [uuid_key(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    indices = list(range(torch.cuda.device_count()))
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and len(indices) > 1 and int(local_rank) < len(indices):
+        indices = [int(local_rank)]
+    return [uuid_key(torch.cuda.get_device_properties(i).uuid) for i in indices]
 
 
 def synchronize_cuda() -> str | None:
@@ -88,6 +99,7 @@ class GpuEnergyCounter:
         self._handles: list[Any] = []
         self._start_mj: list[int] = []
         self._gpus: tuple[str, ...] = ()
+        self._uuids: list[str] = []
         self._note: str | None = "GPU counter not started"
         self._initialized = False
 
@@ -115,7 +127,13 @@ class GpuEnergyCounter:
         deltas = [end - begin for begin, end in zip(self._start_mj, now, strict=True)]
         if any(d < 0 for d in deltas):
             return GpuEnergy(None, self._gpus, "NVML energy counter went backwards (driver reloaded?)")
-        return GpuEnergy(sum(deltas) / MJ_PER_J, self._gpus)
+        per_gpu = {uuid: d / MJ_PER_J for uuid, d in zip(self._uuids, deltas, strict=True)}
+        return GpuEnergy(sum(deltas) / MJ_PER_J, self._gpus, per_gpu_j=per_gpu)
+
+    @property
+    def devices(self) -> tuple[Any, list[Any], tuple[str, ...]]:
+        """(nvml module, handles, names) of the measured GPUs, for the power sampler; empty if none."""
+        return self._nvml, list(self._handles), self._gpus
 
     def stop(self) -> GpuEnergy:
         """Synchronize CUDA, read the counters a last time and release NVML."""
@@ -144,6 +162,7 @@ class GpuEnergyCounter:
             raise _Unavailable(f"NVML unavailable: {_describe(err)}") from err
         self._initialized = True
         self._handles, self._gpus = self._find_devices(wanted)
+        self._uuids = list(wanted)
         sync_error = synchronize_cuda()
         if sync_error:
             raise _Unavailable(sync_error)
@@ -181,3 +200,22 @@ class GpuEnergyCounter:
 
 def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
+
+
+def measure_idle_power_w(seconds: float, nvml: Any = None) -> tuple[float | None, str]:
+    """Mean idle draw per GPU over `seconds` of doing nothing, from the energy counter; (None, why) if none.
+
+    For net energy when no pre-run baseline exists: run it before any work so the GPUs are not still
+    cooling down from it.
+    """
+    import time
+
+    counter = GpuEnergyCounter(nvml)
+    counter.start()
+    time.sleep(seconds)
+    figures = counter.stop()
+    if figures.energy_j is None or not figures.gpus:
+        return None, figures.note or "no GPU measured"
+    return figures.energy_j / seconds / len(
+        figures.gpus
+    ), f"measured over {seconds:g} s before the first stage"
