@@ -318,3 +318,19 @@ def test_the_thread_never_raises_and_is_gone_after_stop(monkeypatch: pytest.Monk
     assert sampler.stop() == samples  # idempotent, and nothing was added after stop
     time.sleep(0.03)
     assert sampler.samples() == samples
+
+
+def test_the_sampler_holds_its_own_nvml_reference() -> None:
+    # A stage may release NVML (GpuEnergyCounter.stop) before stopping the sampler: the last sample must
+    # still be read, and every init still matched by a shutdown.
+    nvml, handles = started(sim_gpu("GPU-a", constant(100)))
+    sampler = PowerSampler(nvml, handles, ["A"], interval_s=0.02)
+    sampler.start()
+    time.sleep(0.1)
+    nvml.nvmlShutdown()
+    samples = sampler.stop()
+    assert sampler.failures == {0: 0} and sampler.notes == {}
+    assert samples[-1].t_s >= 0.1
+    assert nvml.calls["nvmlInit"] == nvml.calls["nvmlShutdown"] == 2
+    with pytest.raises(nvml.NVMLError):
+        nvml.nvmlDeviceGetCount()  # released for good

@@ -93,9 +93,10 @@ class GpuEnergyCounter:
     ignore CUDA_VISIBLE_DEVICES). No visible device means nothing to measure, not zero.
     """
 
-    def __init__(self, nvml: Any = None, cuda_uuids: Callable[[], list[str]] = torch_cuda_uuids) -> None:
+    def __init__(self, nvml: Any = None, cuda_uuids: Callable[[], list[str]] | None = None) -> None:
         self._nvml = nvml
-        self._cuda_uuids = cuda_uuids
+        # Looked up when measuring, not bound here: tests (and simulated devices) replace it module-wide.
+        self._cuda_uuids = cuda_uuids or (lambda: torch_cuda_uuids())
         self._handles: list[Any] = []
         self._start_mj: list[int] = []
         self._gpus: tuple[str, ...] = ()

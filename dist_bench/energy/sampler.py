@@ -11,12 +11,14 @@ cross-check: on an H100, instant power polled at >= 10 Hz integrates to within a
 bursty load, while 0.5-1 s polling misses 10-20% (shared/measurements/README.md). So prefer the instant
 field and a short interval; the trailing-average `nvmlDeviceGetPowerUsage` is the fallback.
 
-The caller owns NVML (nvmlInit before start(), nvmlShutdown after stop()). Never raises from the thread:
-failed reads are counted, and a GPU that keeps failing is dropped with a note.
+The caller initialises NVML and finds the handles; the sampler takes its own NVML reference (NVML counts
+them) from start() to stop(), so its last reads still work when the caller has already released its own.
+Never raises from the thread: failed reads are counted, and a GPU that keeps failing is dropped with a note.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -82,11 +84,13 @@ class PowerSampler:
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
         self._stopped = False
+        self._holds_nvml = False
 
     # --- what the caller reads ------------------------------------------------------------------------
     @property
     def power_method(self) -> PowerMethod:
-        """ "instant" (NVML_FI_DEV_POWER_INSTANT) or "average" (nvmlDeviceGetPowerUsage), fixed at start()."""
+        """Which reading power comes from, fixed at start(): "instant" is the field
+        NVML_FI_DEV_POWER_INSTANT, "average" is nvmlDeviceGetPowerUsage (a trailing ~1 s average)."""
         if self._method is None:
             raise RuntimeError("power_method is decided by start()")
         return self._method
@@ -113,6 +117,7 @@ class PowerSampler:
         """Choose the power method, take the t = 0 sample, and start the thread."""
         if self._method is not None:
             raise RuntimeError("a PowerSampler starts once")
+        self._holds_nvml = _acquire(self._nvml)
         self._method = self._choose_power_method()
         self._t0 = time.monotonic()
         self._tick()
@@ -122,6 +127,7 @@ class PowerSampler:
             thread.start()
         except RuntimeError as err:  # no thread to spare: the t = 0 sample is all there will be
             self._note_all(f"sampler thread could not start: {_describe(err)}")
+            self._release_nvml()
             return
         self._thread = thread
 
@@ -137,6 +143,7 @@ class PowerSampler:
             self._note_all(f"sampler thread still in an NVML call {STOP_TIMEOUT_S:.0f} s after stop()")
         else:
             self._tick()
+            self._release_nvml()  # not while the thread may still be inside a call
         self._note_gaps()
         return self.samples()
 
@@ -235,6 +242,12 @@ class PowerSampler:
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
 
+    def _release_nvml(self) -> None:
+        if self._holds_nvml:
+            self._holds_nvml = False
+            with contextlib.suppress(Exception):  # releasing must not cost the series
+                self._nvml.nvmlShutdown()
+
     def _note_all(self, text: str) -> None:
         with self._lock:
             for gpu, polling in enumerate(self._polling):
@@ -250,6 +263,14 @@ class PowerSampler:
                         f"{self._names[gpu]}: {count} failed read(s) left gaps in the series; "
                         f"last: {self._last_error[gpu]}"
                     )
+
+
+def _acquire(nvml: Any) -> bool:
+    try:
+        nvml.nvmlInit()
+    except Exception:  # the caller's reference still holds NVML open; reads will tell if it does not
+        return False
+    return True
 
 
 def _field_number(nvml: Any, field: Any) -> float:
