@@ -6,6 +6,7 @@ up to one stage figure."""
 from __future__ import annotations
 
 import csv
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,7 +71,9 @@ def test_counter_energy_with_an_interval_that_contains_the_truth(tmp_path: Path,
                  "peak_power_w", "vram_peak_mb", "vram_avg_mb"):  # fmt: skip
         assert metrics[name] > 0, name
     assert stage_tags(reading)["energy.gpu.power_method"] == "instant"
-    assert len(window.samples) >= 50  # 20 ms over 1.5 s
+    assert (
+        len(window.samples) >= 20
+    )  # 20 ms over 1.5 s: ~75, fewer on a loaded machine (late ticks are skipped)
 
 
 class MiscalibratedNvml(SimulatedNvml):
@@ -94,7 +97,7 @@ def test_counter_and_integration_disagreeing_raises_the_warning_flag(
     reading = run_window(FAST, MiscalibratedNvml(h100()), tmp_path, 1.3).reading
     assert "counter_integration_mismatch" in reading.flags
     assert reading.gpu_integrated_j == pytest.approx(0.8 * reading.gpu_energy_j, rel=0.05)
-    assert "-2" in reading.notes["gpu_cross_check"]  # about -20%
+    assert re.search(r"\((-1[5-9]|-2[0-5])\.\d%\)$", reading.notes["gpu_cross_check"])  # about -20%
     assert stage_tags(reading)["energy.flags"] == "counter_integration_mismatch"
     # The gap widens the interval: the counter is still the figure, but it is less certain.
     assert reading.gpu_uncertainty_j >= 0.25 * reading.gpu_energy_j

@@ -150,6 +150,7 @@ class GpuEnergyCounter:
             wanted = self._cuda_uuids()
         except Exception as err:
             raise _Unavailable(f"could not list CUDA devices: {_describe(err)}") from err
+        wanted = [uuid_key(u) for u in wanted]  # torch and NVML spell UUIDs differently
         if not wanted:
             raise _Unavailable("no CUDA device visible to torch")
         if self._nvml is None:

@@ -315,7 +315,8 @@ class EnergyWindow:
                 f"counter {energy:.1f} J vs integrated power {integrated:.1f} J ({(integrated / energy - 1):+.1%})"
             )
         stats = [power_stats(samples, g) for g in gpu_indices]
-        vram = [vram_stats(samples, g) for g in gpu_indices]
+        vram = [_or_none(vram_stats, samples, g) for g in gpu_indices]
+        vram = [v for v in vram if v is not None] if all(v is not None for v in vram) else []
         return dataclasses.replace(
             reading,
             gpu_energy_j=energy,
@@ -371,6 +372,14 @@ class EnergyWindow:
                 reading, co2e_kg=total / J_PER_KWH * self._grid.kg_per_kwh, notes=notes
             )
         return dataclasses.replace(reading, notes=notes)
+
+
+def _or_none(stat: Any, samples: list[Sample], gpu: int) -> tuple[float, float] | None:
+    """A GPU that never reported memory has no VRAM figure (the stats raise rather than return 0)."""
+    try:
+        return stat(samples, gpu)
+    except ValueError:
+        return None
 
 
 def _uncertainty(energy: float, integrated: float | None, duration: float) -> float:
