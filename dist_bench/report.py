@@ -8,7 +8,9 @@ RAM from CodeCarbon's estimate) carry a `~`; a figure that could not be measured
 0. Teacher energy is amortised over the distinct students trained on the same teacher output (stage
 run); `reused` names the stages a row took from earlier runs instead of recomputing; break-even is the
 number of students that must share one teacher output before its amortised cost per student falls below
-one student's training energy. Markdown goes to the terminal; CSV, HTML and a Pareto plot of energy
+one student's training energy. `gpu_uncertainty_pct` is the half-width of the GPU energy interval (counter
+resolution, the sensor's +-5%, counter-vs-integration gap); `flags` lists stage warnings such as
+`counter_integration_mismatch` or `below_resolution`. Markdown goes to the terminal; CSV, HTML and a Pareto plot of energy
 against quality are artifacts of a `dist_bench.role=report` run.
 """
 
@@ -22,7 +24,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from dist_bench.tracking import ROLE, tracking_uri
+from dist_bench.tracking import ROLE, open_store, tracking_uri
 
 ROLES = {
     "prerun": ("prerun",),
@@ -35,7 +37,7 @@ ESTIMATED = "~"
 
 def run(experiments: list[str], output_dir: Path) -> str:
     """Build the table from the tracking server, write the files, log them as a report run; return Markdown."""
-    mlflow.set_tracking_uri(tracking_uri())
+    open_store()
     client = MlflowClient()
     experiment_ids = _experiment_ids(client, experiments)
     parents = client.search_runs(
@@ -88,6 +90,13 @@ def _row_facts(run: Any) -> dict[str, Any]:
         "wall_s": metrics.get("total/duration_s"),
         "total_kwh": metrics.get("total/total_energy_kwh"),
         "net_kwh": _kwh(metrics.get("total/net_energy_j")),
+        "gpu_uncertainty_pct": _percent(
+            metrics.get("total/gpu_energy_uncertainty_j"), metrics.get("total/gpu_energy_j")
+        ),
+        "flags": ",".join(
+            sorted({f for s in _stages() for f in tags.get(f"{s}/energy.flags", "").split(",") if f})
+        )
+        or None,
         "co2e_kg": metrics.get("total/co2e_kg"),
         "j_per_token": metrics.get("total/j_per_token"),
         "estimated": any(
@@ -120,7 +129,20 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         record = {k: r[k] for k in ("run", "pipeline", "teacher", "student", "data", "tokens", "reused")}
         for role in ROLES:
             record[f"{role}_kwh"] = r[f"{role}_kwh"]
-        record.update({k: r[k] for k in ("total_kwh", "net_kwh", "co2e_kg", "wall_s", "j_per_token")})
+        record.update(
+            {
+                k: r[k]
+                for k in (
+                    "total_kwh",
+                    "net_kwh",
+                    "gpu_uncertainty_pct",
+                    "co2e_kg",
+                    "wall_s",
+                    "j_per_token",
+                    "flags",
+                )
+            }
+        )
         students = len(students_of.get(r["teacher_stage_run"], ()))
         teacher, student = r["teacher_kwh"], r["student_kwh"]
         record["teacher_kwh_amortised"] = teacher / students if teacher is not None and students else None
@@ -164,6 +186,8 @@ def _cell(column: str, value: Any, estimated: bool) -> str:
         text = f"{value:.3g}" if column in ENERGY_COLUMNS or abs(value) < 1 else f"{value:,.0f}"
         if column in {"wall_s"}:
             text = f"{value:.1f}"
+        if column == "gpu_uncertainty_pct":
+            return f"±{value:.1f}%"
         if column.count("/") == 1:  # quality: task/metric
             text = f"{value:.3f}"
         return f"{ESTIMATED}{text}" if estimated and column in ENERGY_COLUMNS else text
@@ -192,6 +216,10 @@ def _pareto_plot(table: pd.DataFrame, path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _percent(part: float | None, whole: float | None) -> float | None:
+    return 100 * part / whole if part is not None and whole else None
 
 
 def _kwh(joules: float | None) -> float | None:

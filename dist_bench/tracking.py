@@ -114,7 +114,27 @@ def tracking_uri() -> str:
 def experiment_id(name: str) -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # another pipeline created it a moment ago
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def open_store() -> None:
+    """Point MLflow at the tracking URI; create a new sqlite store under a file lock.
+
+    Two pipelines started at the same moment against a fresh mlflow.db would otherwise both create its
+    tables and one would die on "table ... already exists".
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(db.with_name(db.name + ".lock")):
+            MlflowClient().search_experiments(max_results=1)  # creates or migrates the tables
 
 
 def code_version() -> str:
@@ -138,7 +158,7 @@ def pipeline_run(
     cfg: RunConfig, pipeline: str, run_name: str, tags: dict[str, str] | None = None
 ) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
-    mlflow.set_tracking_uri(tracking_uri())
+    open_store()
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: continue the run it created, in its experiment
         run = mlflow.start_run(run_name=run_name)
     else:
@@ -322,6 +342,9 @@ def _log_stage_rollup(parent: ParentRun, result: StageResult) -> None:
         source = result.summary.get("energy_sources", {}).get(component)
         if source:
             client.set_tag(parent.run_id, f"{result.stage}/energy.{component}.source", source)
+    flags = result.summary.get("energy", {}).get("flags")
+    if flags:
+        client.set_tag(parent.run_id, f"{result.stage}/energy.flags", ",".join(flags))
 
 
 TOTALS = ("duration_s", "tokens", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "total_energy_j", "co2e_kg",
