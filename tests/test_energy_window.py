@@ -249,3 +249,33 @@ def test_two_processes_aggregate_to_one_stage_figure_on_rank_0(tmp_path: Path) -
     assert gpu_j == 100 + 200 + 50  # the shared GPU once
     assert cpu_j == 30.0  # one host: its CPU energy once, not once per rank
     assert duration == 11.0
+
+
+def test_rapl_is_preferred_over_the_estimate_when_readable(tmp_path: Path, visible: SetVisible) -> None:
+    from test_rapl import add_load, server
+
+    visible()  # no GPU: this is about the host
+    tree = server(tmp_path / "sys")
+    window = EnergyWindow(EnergyConfig(), tmp_path, "eval", rapl_root=tree.root)
+    with window:
+        add_load(tree)  # 12 J on the packages, 5 J on DRAM
+    reading = window.reading
+    assert (reading.cpu_source, reading.ram_source) == ("rapl", "rapl")
+    assert reading.cpu_energy_j == pytest.approx(12.0) and reading.ram_energy_j == pytest.approx(5.0)
+    assert "cpu" not in reading.notes and not (tmp_path / "codecarbon").exists()  # no estimate was made
+    assert reading.co2e_kg > 0  # the grid intensity still applies to measured energy
+
+
+def test_under_torchrun_each_rank_measures_only_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    uuids = ["aaaa-0", "bbbb-1", "cccc-2", "dddd-3"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: type("Props", (), {"uuid": uuids[i]})()
+    )
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert gpu_module.torch_cuda_uuids() == uuids  # one process using every visible GPU
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert gpu_module.torch_cuda_uuids() == ["cccc-2"]

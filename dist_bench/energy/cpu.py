@@ -90,17 +90,11 @@ class CodeCarbonMeter:
         self.country_iso_code = country_iso_code
         self.output_dir = Path(output_dir)
         self.project_name = project_name
-        self.grid: GridIntensity | None = None
-        self.grid_note: str | None = None
         self._tracker: Any = None
         self._note: str | None = "CodeCarbon not started"
 
     def start(self) -> None:
         self._note = self._start_tracker()
-        try:
-            self.grid = grid_intensity(self.country_iso_code)
-        except Exception as err:
-            self.grid_note = f"no grid carbon intensity for {self.country_iso_code}: {err}"
 
     def read(self) -> HostEnergy:
         """Figures so far: CodeCarbon's running totals (cheap, no measurement on this thread)."""
