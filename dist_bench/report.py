@@ -88,6 +88,7 @@ def _row_facts(run: Any) -> dict[str, Any]:
         "data": tags.get("dist_bench.data"),
         "tokens": metrics.get("total/tokens"),
         "wall_s": metrics.get("total/duration_s"),
+        "gpu_kwh": _kwh(metrics.get("total/gpu_energy_j")),
         "total_kwh": metrics.get("total/total_energy_kwh"),
         "net_kwh": _kwh(metrics.get("total/net_energy_j")),
         "gpu_uncertainty_pct": _percent(
@@ -133,6 +134,7 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             {
                 k: r[k]
                 for k in (
+                    "gpu_kwh",
                     "total_kwh",
                     "net_kwh",
                     "gpu_uncertainty_pct",
@@ -155,8 +157,10 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         record["run_id"] = r["run_id"]
         records.append(record)
     table = pd.DataFrame.from_records(records)
-    # Columns no row fills (e.g. prerun before anyone ran one) would only be noise.
-    return table.dropna(axis=1, how="all")
+    # Columns no row fills (e.g. prerun before anyone ran one) would only be noise. GPU energy stays: a table
+    # made without GPUs must say so (n/a), not silently leave the column out.
+    empty = [c for c in table.columns if table[c].isna().all() and c != "gpu_kwh"]
+    return table.drop(columns=empty)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -170,12 +174,18 @@ def to_markdown(table: pd.DataFrame) -> str:
     if table.get("estimated_energy") is not None and table["estimated_energy"].any():
         lines.append("")
         lines.append(
-            f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no RAPL); GPU energy, where present, is from NVML's energy counter."
+            f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no readable RAPL); GPU energy, where "
+            "present, is from NVML's energy counter."
+        )
+    if table["gpu_kwh"].isna().any():
+        lines.append(
+            "gpu_kwh n/a: not measured (no NVIDIA GPU visible, or NVML failed; each stage run's energy.gpu.note "
+            "says why), and never counted as 0 in a total."
         )
     return "\n".join(lines)
 
 
-ENERGY_COLUMNS = {"prerun_kwh", "teacher_kwh", "student_kwh", "eval_kwh", "total_kwh", "net_kwh",
+ENERGY_COLUMNS = {"gpu_kwh", "prerun_kwh", "teacher_kwh", "student_kwh", "eval_kwh", "total_kwh", "net_kwh",
                   "co2e_kg", "j_per_token", "teacher_kwh_amortised"}  # fmt: skip
 
 

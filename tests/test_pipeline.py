@@ -166,6 +166,7 @@ def test_report_table_rows_amortisation_and_no_zero_energy(world: dict) -> None:
     for row in rows[2:]:  # energy.codecarbon=false: nothing measured here, shown as n/a, never 0
         assert row["total_kwh"] == "n/a" and row["eval_kwh"] == "n/a"
     assert "estimated by CodeCarbon" in table
+    assert all(r["gpu_kwh"] == "n/a" for r in rows) and "gpu_kwh n/a: not measured" in table  # no GPU here
     files = {p.name for p in (world["root"] / "report").iterdir()}
     assert {"table.csv", "table.md", "table.html", "pareto.png"} <= files
     report_runs = client().search_runs(_experiments(), "tags.`dist_bench.role` = 'report'")
