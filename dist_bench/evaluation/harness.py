@@ -59,6 +59,13 @@ class CountingHFLM(HFLM):
         self.prefill_tokens = 0
         self.decode_tokens = 0
 
+    # Per-request progress bars: thousands of lines in logs; the stage's own line says when it is done.
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[Any]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
+        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+
     def _select_cont_toks(
         self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None
     ) -> torch.Tensor:
