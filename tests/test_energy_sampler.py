@@ -278,6 +278,7 @@ def test_stats_of_a_known_series() -> None:
         "utilization_pct": None,
         "temperature_c": None,
         "sm_clock_mhz": None,
+        "torch_allocated_mb": None,
     }
 
 

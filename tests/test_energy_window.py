@@ -279,3 +279,18 @@ def test_under_torchrun_each_rank_measures_only_its_own_gpu(monkeypatch: pytest.
     assert gpu_module.torch_cuda_uuids() == uuids  # one process using every visible GPU
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert gpu_module.torch_cuda_uuids() == ["cccc-2"]
+
+
+def test_torch_allocator_memory_is_sampled_beside_nvml(
+    tmp_path: Path, visible: SetVisible, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    visible("GPU-aaaa")
+    monkeypatch.setattr(gpu_module, "torch_cuda_index", lambda uuid: 0)  # torch's cuda:0 is that GPU
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 512 * 2**20)
+    window = run_window(FAST, SimulatedNvml(h100()), tmp_path, 0.5)
+    assert {s.torch_allocated_mb for s in window.samples} == {512.0}
+    assert window.reading.torch_vram_avg_mb == 512.0 and window.reading.vram_avg_mb == 4096.0
+    assert stage_metrics(window.reading, 1)["torch_vram_avg_mb"] == 512.0

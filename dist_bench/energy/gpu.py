@@ -69,6 +69,18 @@ def torch_cuda_uuids() -> list[str]:
     return [uuid_key(torch.cuda.get_device_properties(i).uuid) for i in indices]
 
 
+def torch_cuda_index(uuid: str) -> int | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        keys = [uuid_key(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+        return keys.index(uuid_key(uuid)) if uuid_key(uuid) in keys else None
+    except Exception:  # a measurement aid: no index, no torch memory series
+        return None
+
+
 def synchronize_cuda() -> str | None:
     """Let queued kernels finish so their energy lands in the window that launched them.
 
@@ -135,6 +147,11 @@ class GpuEnergyCounter:
     def devices(self) -> tuple[Any, list[Any], tuple[str, ...]]:
         """(nvml module, handles, names) of the measured GPUs, for the power sampler; empty if none."""
         return self._nvml, list(self._handles), self._gpus
+
+    @property
+    def torch_indices(self) -> list[int | None]:
+        """CUDA index in this process of each measured GPU (None where torch does not see it)."""
+        return [torch_cuda_index(uuid) for uuid in self._uuids]
 
     def stop(self) -> GpuEnergy:
         """Synchronize CUDA, read the counters a last time and release NVML."""

@@ -14,7 +14,7 @@ from typing import Any
 from dist_bench.energy.sampler import Sample
 
 TIMELINE_COLUMNS = ["time_unix_s", "t_s", "gpu", "power_w", "memory_used_mb", "utilization_pct",
-                    "temperature_c", "sm_clock_mhz"]  # fmt: skip
+                    "temperature_c", "sm_clock_mhz", "torch_allocated_mb"]  # fmt: skip
 # Seed 004's columns, then run metadata.
 RESULTS_COLUMNS = [
     "tokens_processed", "wall_s", "warmup_s", "energy_J", "avg_power_W", "peak_power_W", "tok_per_s",

@@ -58,12 +58,21 @@ class Sample:
     utilization_pct: float | None
     temperature_c: float | None
     sm_clock_mhz: float | None
+    torch_allocated_mb: float | None = None  # what this process's tensors hold (torch's allocator)
 
 
 class PowerSampler:
     """Samples every GPU in `handles` every `interval_s` from start() to stop(), both included."""
 
-    def __init__(self, nvml: Any, handles: list[Any], names: list[str], interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        nvml: Any,
+        handles: list[Any],
+        names: list[str],
+        interval_s: float = 0.1,
+        torch_devices: list[int | None] | None = None,
+    ) -> None:
+        """`torch_devices[i]`: the CUDA index of handles[i] in this process, to sample torch's allocator too."""
         if len(handles) != len(names):
             raise ValueError("one name per handle")
         if interval_s <= 0:
@@ -72,6 +81,7 @@ class PowerSampler:
         self._nvml = nvml
         self._handles = list(handles)
         self._names = list(names)
+        self._torch_devices = list(torch_devices) if torch_devices else [None] * len(handles)
         self._lock = threading.Lock()  # guards what the caller may read while the thread writes
         self._samples: list[Sample] = []
         self._notes: dict[int, str] = {}
@@ -192,6 +202,7 @@ class PowerSampler:
             sm_clock_mhz=_optional(
                 lambda: self._nvml.nvmlDeviceGetClockInfo(handle, self._nvml.NVML_CLOCK_SM)
             ),
+            torch_allocated_mb=_optional(lambda: _torch_allocated_mb(self._torch_devices[gpu])),
         )
         with self._lock:
             self._samples.append(sample)
@@ -289,6 +300,17 @@ def _optional(read: Callable[[], float]) -> float | None:
         return None
 
 
+def _torch_allocated_mb(device: int | None) -> float:
+    if device is None:
+        raise LookupError("no CUDA device of this process")
+    import torch
+
+    # Only once the process uses CUDA: querying would otherwise create a context from this thread.
+    if not torch.cuda.is_initialized():
+        raise LookupError("CUDA not initialised")
+    return torch.cuda.memory_allocated(device) / MB
+
+
 def _describe(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
@@ -306,9 +328,9 @@ def power_stats(samples: Sequence[Sample], gpu: int) -> tuple[float, float]:
     return _time_weighted_mean(times, watts), max(watts)
 
 
-def vram_stats(samples: Sequence[Sample], gpu: int) -> tuple[float, float]:
-    """(peak MiB, time-weighted average MiB) of one GPU's used memory."""
-    times, used = _series(samples, gpu, "memory_used_mb")
+def vram_stats(samples: Sequence[Sample], gpu: int, metric: str = "memory_used_mb") -> tuple[float, float]:
+    """(peak MiB, time-weighted average MiB) of one GPU's used memory (NVML), or `torch_allocated_mb`."""
+    times, used = _series(samples, gpu, metric)
     return max(used), _time_weighted_mean(times, used)
 
 

@@ -63,6 +63,7 @@ class EnergyReading:
     vram_peak_mb: float | None = None  # NVML memory used, summed over GPUs
     vram_avg_mb: float | None = None
     torch_vram_peak_mb: float | None = None  # torch's allocator peak: what tensors needed
+    torch_vram_avg_mb: float | None = None  # torch's allocator, time-weighted over the samples
     idle_power_w: float | None = None  # idle draw of the measured GPUs, for net energy
     idle_source: str = "none"  # config | prerun | measured | none
     warmup_s: float = 0.0
@@ -108,6 +109,9 @@ class EnergyReading:
             vram_peak_mb=_max(self.vram_peak_mb, other.vram_peak_mb),
             vram_avg_mb=_weighted(self.vram_avg_mb, self.duration_s, other.vram_avg_mb, other.duration_s),
             torch_vram_peak_mb=_max(self.torch_vram_peak_mb, other.torch_vram_peak_mb),
+            torch_vram_avg_mb=_weighted(
+                self.torch_vram_avg_mb, self.duration_s, other.torch_vram_avg_mb, other.duration_s
+            ),
             idle_power_w=self.idle_power_w if self.idle_power_w is not None else other.idle_power_w,
             idle_source=self.idle_source if self.idle_power_w is not None else other.idle_source,
             warmup_s=self.warmup_s,  # the warmup is the first attempt's
@@ -203,7 +207,9 @@ class EnergyWindow:
             self._gpu.start()
             nvml, handles, names = self._gpu.devices
             if handles:
-                self._sampler = PowerSampler(nvml, handles, list(names), self.cfg.sample_interval_ms / 1000)
+                self._sampler = PowerSampler(
+                    nvml, handles, list(names), self.cfg.sample_interval_ms / 1000, self._gpu.torch_indices
+                )
                 self._sampler.start()
             _reset_torch_peak()
         self.started_at = time.time()
@@ -317,6 +323,8 @@ class EnergyWindow:
         stats = [power_stats(samples, g) for g in gpu_indices]
         vram = [_or_none(vram_stats, samples, g) for g in gpu_indices]
         vram = [v for v in vram if v is not None] if all(v is not None for v in vram) else []
+        torch_vram = [_or_none(vram_stats, samples, g, "torch_allocated_mb") for g in gpu_indices]
+        torch_avg = sum(v[1] for v in torch_vram if v) if torch_vram and all(torch_vram) else None
         return dataclasses.replace(
             reading,
             gpu_energy_j=energy,
@@ -333,6 +341,7 @@ class EnergyWindow:
             vram_peak_mb=sum(p for p, _ in vram) if vram else None,
             vram_avg_mb=sum(a for _, a in vram) if vram else None,
             torch_vram_peak_mb=_torch_peak_mb() if final else None,
+            torch_vram_avg_mb=torch_avg,
             power_method=self._sampler.power_method if self._sampler else None,
             notes=notes,
             flags=tuple(flags),
@@ -374,10 +383,10 @@ class EnergyWindow:
         return dataclasses.replace(reading, notes=notes)
 
 
-def _or_none(stat: Any, samples: list[Sample], gpu: int) -> tuple[float, float] | None:
+def _or_none(stat: Any, samples: list[Sample], gpu: int, *metric: str) -> tuple[float, float] | None:
     """A GPU that never reported memory has no VRAM figure (the stats raise rather than return 0)."""
     try:
-        return stat(samples, gpu)
+        return stat(samples, gpu, *metric)
     except ValueError:
         return None
 
@@ -471,6 +480,7 @@ def stage_metrics(reading: EnergyReading, tokens: int) -> dict[str, float]:
         "vram_peak_mb": reading.vram_peak_mb,
         "vram_avg_mb": reading.vram_avg_mb,
         "torch_vram_peak_mb": reading.torch_vram_peak_mb,
+        "torch_vram_avg_mb": reading.torch_vram_avg_mb,
         "idle_power_w": reading.idle_power_w,
         "net_energy_j": reading.net_energy_j,
         "warmup_energy_j": reading.warmup_energy_j,
