@@ -234,7 +234,10 @@ def test_real_window_on_this_cpu_machine(tmp_path: Path, capfd: pytest.CaptureFi
     assert so_far.cpu_energy_j > 0 and so_far.ram_energy_j > 0
     reading = window.reading
     assert 1.0 <= reading.duration_s < 5.0  # the busy work, without CodeCarbon's start-up
-    assert reading.cpu_energy_j > so_far.cpu_energy_j > 0
+    # RAM power is a constant in CodeCarbon's estimate, so its energy only grows. CPU power follows the
+    # machine's load, and read() extrapolates at the last measured power: so far can exceed the final
+    # figure when the load drops (seen on a loaded CI machine), so only positivity holds for CPU.
+    assert reading.cpu_energy_j > 0 and so_far.cpu_energy_j > 0
     assert reading.ram_energy_j > so_far.ram_energy_j > 0
     assert (reading.cpu_source, reading.ram_source) == ("estimated", "estimated")
     assert reading.gpu_energy_j is None and reading.gpu_source == "unavailable"

@@ -181,7 +181,8 @@ def _running_totals_j(tracker: Any) -> tuple[float, float] | None:
     CodeCarbon 3.3 has no public "figures so far": flush() measures on the caller's thread (racing its
     scheduler thread, which can count the same interval twice) and appends a CSV row; stop_task() pauses the
     scheduler. Its scheduler adds to these totals every measure_power_secs (15 s); the time since its last
-    measurement is extrapolated at the power it last measured. Private attributes of codecarbon 3.3's
+    measurement is extrapolated at the power it last measured (so a figure read while the load falls can
+    exceed what stop() later reports for the same span: an estimate, not a counter). Private attributes of codecarbon 3.3's
     BaseEmissionsTracker: if they change, this reads as "not available" rather than crashing.
     """
     try:
