@@ -42,7 +42,7 @@ def test_stages_get_gpu_energy_timelines_net_energy_and_results_rows(
     mlflow.set_system_metrics_samples_before_logging(1)
     try:
         parent = pipeline.kd(
-            small_config(workdir, "energy.idle_measure_s=0.5", "energy.sample_interval_ms=20")
+            small_config(workdir, "energy.idle_measure_s=1.0", "energy.sample_interval_ms=20")
         )
     finally:
         mlflow.disable_system_metrics_logging()
@@ -57,7 +57,8 @@ def test_stages_get_gpu_energy_timelines_net_energy_and_results_rows(
         assert metrics["gpu_energy_j"] == pytest.approx(
             250.0 * duration, abs=metrics["gpu_energy_uncertainty_j"]
         )
-        assert metrics["idle_power_w"] == pytest.approx(250.0, rel=0.05)  # idle measured on the same trace
+        # Idle measured on the same trace; over 1 s the counter's 0.1 s updates allow +-10%.
+        assert metrics["idle_power_w"] == pytest.approx(250.0, rel=0.12)
         assert metrics["net_energy_j"] == pytest.approx(
             metrics["total_energy_j"] - metrics["idle_power_w"] * duration
         )
