@@ -42,8 +42,13 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
     cfg = _load(config, overrides)  # before the heavy imports: bad input fails in a second
     from dist_bench import pipeline
+    from dist_bench.prerun import PrerunFailed
 
-    run = _guarded(lambda: pipeline.kd(cfg))
+    try:
+        run = _guarded(lambda: pipeline.kd(cfg))
+    except PrerunFailed as err:  # the gate: nothing of the teacher's was started
+        typer.echo(f"dist-bench: error: prerun failed, pipeline stopped: {err}", err=True)
+        raise typer.Exit(1) from None
     _print_stages(run)
 
 
@@ -74,6 +79,47 @@ def eval_(
 
     run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype))
     _print_stages(run)
+
+
+@app.command("prerun")
+def prerun_(
+    config: ConfigOption = None,
+    quick: Annotated[bool, typer.Option("--quick", help="reduced durations")] = False,
+    output_dir: Annotated[Path | None, typer.Option(help="where the report tree is written")] = None,
+    idle_duration: Annotated[float | None, typer.Option(help="idle baseline minutes")] = None,
+    burn_in_steps: Annotated[int | None, typer.Option(help="burn-in training steps")] = None,
+    expected_gpu: Annotated[str | None, typer.Option(help="substring of the GPU name, e.g. H100")] = None,
+    expected_vram: Annotated[float | None, typer.Option(help="minimum GiB of VRAM per GPU")] = None,
+    skip_idle: Annotated[bool, typer.Option("--skip-idle")] = False,
+    skip_burn_in: Annotated[bool, typer.Option("--skip-burn-in")] = False,
+    skip_sampling: Annotated[bool, typer.Option("--skip-sampling")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Pre-run validation (seed 000): idle baseline, burn-in, sampling-interval check, hardware assertions."""
+    flags = {
+        "quick": quick or None,
+        "idle_duration_minutes": idle_duration,
+        "burn_in_steps": burn_in_steps,
+        "expected_gpu": expected_gpu,
+        "expected_vram_gb": expected_vram,
+        "skip_idle": skip_idle or None,
+        "skip_burn_in": skip_burn_in or None,
+        "skip_sampling": skip_sampling or None,
+    }
+    given = [f"prerun.{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = _load(config, [*(overrides or []), *given])
+    from dist_bench import pipeline
+    from dist_bench.prerun import PrerunFailed
+
+    try:
+        run, report = _guarded(lambda: pipeline.validate(cfg, output_dir))
+    except PrerunFailed as err:
+        typer.echo(f"dist-bench: error: prerun failed: {err}", err=True)
+        raise typer.Exit(1) from None
+    for warning in report.warnings:
+        typer.echo(f"  warning: {warning}")
+    _print_stages(run)
+    typer.echo("all checks passed")
 
 
 @app.command("report")
@@ -148,8 +194,32 @@ def run_entry_point(subcommand: str) -> None:
     """For entry_points/*.py: `--overrides "a=1 b=2"` (one MLproject parameter) becomes dotted arguments."""
     import shlex
 
-    args = sys.argv[1:]
+    args = _boolean_flags(sys.argv[1:])
     if "--overrides" in args:
         at = args.index("--overrides")
         args = args[:at] + shlex.split(args[at + 1] if at + 1 < len(args) else "") + args[at + 2 :]
     app([subcommand, *args])
+
+
+BOOLEAN_FLAGS = ("--quick", "--skip-idle", "--skip-burn-in", "--skip-sampling")
+
+
+def _boolean_flags(args: list[str]) -> list[str]:
+    """MLproject parameters always carry a value: `--quick true` -> `--quick`, `--quick false` -> nothing,
+    and an option given as "" (a parameter left at its empty default) is left out."""
+    out: list[str] = []
+    items = iter(args)
+    for arg in items:
+        if arg.startswith("--") and arg not in BOOLEAN_FLAGS and arg != "--overrides":
+            value = next(items, None)
+            if value not in (None, ""):
+                out += [arg, value]
+        elif arg in BOOLEAN_FLAGS:
+            value = next(items, "true").strip().lower()
+            if value not in ("true", "false", "1", "0", "yes", "no"):
+                _fail(f"{arg}: expected true or false, got '{value}'")
+            if value in ("true", "1", "yes"):
+                out.append(arg)
+        else:
+            out.append(arg)
+    return out

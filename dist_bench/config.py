@@ -146,6 +146,21 @@ class EnergyConfig(Strict):
     )
 
 
+class PrerunConfig(Strict):
+    enabled: bool = Field(False, description="run pre-run validation as the pipeline's first stage")
+    required: bool = Field(False, description="stop the pipeline (parent FAILED) when a critical check fails")
+    quick: bool = Field(True, description="reduced durations (seconds instead of minutes)")
+    idle_duration_minutes: float = Field(5.0, gt=0, description="idle baseline length when not quick")
+    burn_in_steps: int = Field(500, ge=1, description="burn-in training steps when not quick")
+    expected_gpu: str | None = Field(None, description="substring the GPU name must contain, e.g. H100")
+    expected_vram_gb: float | None = Field(None, gt=0, description="minimum VRAM per GPU")
+    expected_gpu_count: int | None = Field(None, ge=0)
+    expected_cpu: str | None = Field(None, description="substring the CPU model must contain")
+    skip_idle: bool = False
+    skip_burn_in: bool = False
+    skip_sampling: bool = False
+
+
 class TrackingConfig(Strict):
     experiment_name: str = "dist-bench"
     reuse_stages: bool = Field(True, description="reuse a FINISHED stage run with identical inputs")
@@ -168,6 +183,7 @@ class RunConfig(Strict):
     kd: KDConfig = KDConfig()
     eval: EvalConfig
     energy: EnergyConfig = EnergyConfig()
+    prerun: PrerunConfig = PrerunConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
 

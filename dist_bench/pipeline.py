@@ -1,6 +1,7 @@
 """Pipelines: each entry point is a parent MLflow run whose stages are nested child runs.
 
-    kd            logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
+    kd            prerun? -> logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
+    prerun        prerun: idle baseline, burn-in, sampling check, hardware (dist-bench prerun)
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
 
@@ -10,6 +11,9 @@ A stage that already ran with identical inputs is reused (see tracking.execute_s
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from dist_bench import prerun
 from dist_bench.config import RunConfig
 from dist_bench.evaluation import stage as eval_stage
 from dist_bench.student import kd as kd_stage
@@ -27,6 +31,8 @@ def _identity_tags(cfg: RunConfig) -> dict[str, str]:
 
 def kd(cfg: RunConfig) -> ParentRun:
     with pipeline_run(cfg, "kd", cfg.name, _identity_tags(cfg)) as parent:
+        if cfg.prerun.enabled:  # first: a failed required check stops it before any teacher work
+            prerun.run_stage(parent)
         cache = logit_cache.run(parent)
         student = kd_stage.run(parent, cache)
         eval_stage.run(
@@ -48,3 +54,11 @@ def evaluate(cfg: RunConfig, model: str, dtype: str = "auto") -> ParentRun:
     with pipeline_run(cfg, "eval", f"eval:{model}", tags) as parent:
         eval_stage.run(parent, model=model, dtype=dtype)
     return parent
+
+
+def validate(cfg: RunConfig, output_dir: Path | None = None) -> tuple[ParentRun, prerun.PrerunReport]:
+    """Standalone pre-run validation; a critical finding fails the run (PrerunFailed), as a gate would."""
+    gate = cfg.model_copy(update={"prerun": cfg.prerun.model_copy(update={"required": True})})
+    with pipeline_run(gate, "prerun", f"{cfg.name}-prerun", {}) as parent:
+        _, report = prerun.run_stage(parent, output_dir)
+    return parent, report

@@ -198,8 +198,12 @@ def execute_stage(
     params: dict[str, str],
     work: Callable[[StageContext], StageWork],
     tags: dict[str, str] | None = None,
+    reusable: bool = True,
 ) -> StageResult:
-    """Reuse a matching finished run of this stage, or run `work` in a nested, energy-tracked child run."""
+    """Reuse a matching finished run of this stage, or run `work` in a nested, energy-tracked child run.
+
+    `reusable=False` for stages that measure the machine as it is now (prerun): never taken from the past.
+    """
     cfg = parent.cfg
     params = {**params, "code_version": code_version()}
     key = config_hash({"stage": stage, "params": params})
@@ -207,8 +211,11 @@ def execute_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     # One process per stage key at a time: a second pipeline with the same inputs waits, then reuses.
     with _locked(stage_dir.parent / f"{key}.lock"):
-        if cfg.tracking.reuse_stages and (reusable := _find_reusable(stage, key, params, stage_dir)):
-            result = _reuse(parent, stage, reusable, stage_dir)
+        earlier = (
+            _find_reusable(stage, key, params, stage_dir) if reusable and cfg.tracking.reuse_stages else None
+        )
+        if earlier is not None:
+            result = _reuse(parent, stage, earlier, stage_dir)
         else:
             if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
                 shutil.rmtree(stage_dir)
@@ -420,9 +427,14 @@ def _stage_summary(
         "metrics": metrics,
         "fingerprints": done.fingerprints,
         # Relative to the stage dir, which may move between machines.
-        "outputs": {name: str(path.relative_to(stage_dir)) for name, path in done.outputs.items()},
+        "outputs": {name: _relative_if_inside(path, stage_dir) for name, path in done.outputs.items()},
         **done.details,
     }
+
+
+def _relative_if_inside(path: Path, stage_dir: Path) -> str:
+    # Inside the stage dir: relative, so the dir can move. Elsewhere (a user's --output-dir): absolute.
+    return str(path.relative_to(stage_dir)) if path.is_relative_to(stage_dir) else str(path.resolve())
 
 
 def parent_tag(parent: ParentRun, name: str) -> str:
