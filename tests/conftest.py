@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from dist_bench.config import RunConfig, load_config
@@ -35,9 +36,13 @@ SMALL = [
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """cwd = a fresh dir with its own sqlite MLflow store."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # mlflow.set_tracking_uri (called by every pipeline) outlives a test and wins over the variable:
+    # without this, MlflowClient() here would read the store of whichever test ran a pipeline last.
+    mlflow.set_tracking_uri(uri)
     return tmp_path
 
 
