@@ -523,6 +523,17 @@ def run_burn_in_test(
     logs = Path(output_dir) / "energy_logs"
     logs.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shrunk = None
+    if dev.type == "cpu" and model_dim * num_layers > CPU_MODEL.model_dim * CPU_MODEL.num_layers:
+        # A GPU-sized burn-in (the seed's 2048 x 24 is 1.2 B parameters) would take hours and most of the
+        # memory of a CPU-only machine: check the logging path with the small model instead, and say so.
+        shrunk = f"no GPU: burn-in used the CPU model {_size_text(CPU_MODEL)} instead of {model_dim} x {num_layers}"
+        model_dim, num_layers, seq_len, vocab_size = (
+            CPU_MODEL.model_dim,
+            CPU_MODEL.num_layers,
+            CPU_MODEL.seq_len,
+            CPU_MODEL.vocab_size,
+        )
     size = ModelSize(model_dim, num_layers, seq_len, batch_size, vocab_size)
     model = BurnInModel(vocab_size, model_dim, num_layers).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=BURN_IN_LR)
@@ -605,6 +616,8 @@ def run_burn_in_test(
             )
     if not valid and gpu_present:
         critical.append(f"energy logs invalid: {path}")
+    if shrunk:
+        warnings.append(shrunk)
     if reading.cpu_source == "estimated":
         warnings.append(f"CPU/RAM energy is an estimate: {reading.notes.get('cpu', 'CodeCarbon')}")
     if reading.flags:

@@ -301,3 +301,10 @@ def test_command_line_quick_run_exits_0_on_cpu_and_writes_the_report(tmp_path: P
     report = json.loads((out / prerun.REPORT_FILE).read_text())
     assert report["all_checks_passed"] and report["skipped"] == ["sampling_validation"]
     assert report["sampling_validation"] is None and report["burn_in"]["num_steps"] == 50
+
+
+def test_a_gpu_sized_burn_in_on_a_cpu_machine_uses_the_small_model_and_says_so(tmp_path: Path) -> None:
+    # The seed's custom workflow asks for 2048 x 24 (1.2 B parameters): hours and ~20 GB here.
+    result = prerun.run_burn_in_test(tmp_path, num_steps=2, model_dim=2048, num_layers=24)
+    assert result.model["model_dim"] == 128 and result.model["parameters"] < 1_000_000
+    assert any("instead of 2048 x 24" in w for w in result.warnings)
