@@ -109,17 +109,16 @@ def prerun_(
     given = [f"prerun.{key}={value}" for key, value in flags.items() if value is not None]
     cfg = _load(config, [*(overrides or []), *given])
     from dist_bench import pipeline
-    from dist_bench.prerun import PrerunFailed
+    from dist_bench.prerun import PrerunFailed, summary_text
 
     try:
         run, report = _guarded(lambda: pipeline.validate(cfg, output_dir))
     except PrerunFailed as err:
+        typer.echo(summary_text(err.report))
         typer.echo(f"dist-bench: error: prerun failed: {err}", err=True)
         raise typer.Exit(1) from None
-    for warning in report.warnings:
-        typer.echo(f"  warning: {warning}")
+    typer.echo(summary_text(report))
     _print_stages(run)
-    typer.echo("all checks passed")
 
 
 @app.command("report")

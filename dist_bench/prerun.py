@@ -1111,6 +1111,7 @@ def run_stage(parent: ParentRun, output_dir: Path | None = None) -> tuple[StageR
             skip_burn_in=cfg.skip_burn_in,
             skip_sampling=cfg.skip_sampling,
             quick=cfg.quick,
+            energy_cfg=parent.cfg.energy,  # the pipeline's own energy settings, for the burn-in too
         )
         outcome["report"] = report
         return StageWork(
