@@ -1094,7 +1094,7 @@ def run_stage(parent: ParentRun, output_dir: Path | None = None) -> tuple[StageR
     """Pre-run validation as the `prerun` stage: an energy-tracked child run whose idle baseline feeds the
     net energy of the stages after it. Never reused: it measures the machine as it is now."""
     cfg = parent.cfg.prerun
-    params = {f"prerun.{k}": v for k, v in flatten(cfg.model_dump()).items()}
+    params = flatten(cfg.model_dump(), "prerun.")
     outcome: dict[str, PrerunReport] = {}
 
     def work(ctx: StageContext) -> StageWork:

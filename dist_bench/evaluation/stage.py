@@ -20,7 +20,7 @@ STAGE = "eval"
 def run(parent: ParentRun, model: str, fingerprint: str | None = None, dtype: str = "auto") -> StageResult:
     cfg = parent.cfg
     params = {
-        **{f"eval.{k}": v for k, v in flatten(cfg.eval.model_dump()).items()},
+        **flatten(cfg.eval.model_dump(), "eval."),
         "seed": str(cfg.seed),
         "model": model if fingerprint is None else "<upstream final_model>",
         "model.fingerprint": fingerprint or models.fingerprint(model),

@@ -41,10 +41,10 @@ class VocabMismatch(DataError):
 def run(parent: ParentRun, cache: StageResult) -> StageResult:
     cfg = parent.cfg
     params = {
-        **{f"student.{k}": v for k, v in flatten(cfg.student.model_dump()).items()},
-        **{f"data.{k}": v for k, v in flatten(cfg.data.model_dump()).items()},
-        **{f"train.{k}": v for k, v in flatten(cfg.train.model_dump()).items()},
-        **{f"kd.{k}": v for k, v in flatten(cfg.kd.model_dump()).items()},
+        **flatten(cfg.student.model_dump(), "student."),
+        **flatten(cfg.data.model_dump(), "data."),
+        **flatten(cfg.train.model_dump(), "train."),
+        **flatten(cfg.kd.model_dump(), "kd."),
         "seed": str(cfg.seed),
         "student.fingerprint": models.fingerprint(cfg.student.model, cfg.student.revision),
         "upstream.logit_cache": cache.fingerprints["logit_cache"],

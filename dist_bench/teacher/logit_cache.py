@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_bench import models
-from dist_bench.config import RunConfig
+from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Example, collate, data_fingerprint, load_examples
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
@@ -44,9 +44,9 @@ def run(parent: ParentRun) -> StageResult:
     device = models.pick_device(cfg.train.device)
     tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
     params = {
-        **{f"teacher.{k}": v for k, v in _flat(cfg.teacher.model_dump()).items()},
-        **{f"data.{k}": v for k, v in _flat(cfg.data.model_dump()).items()},
-        **{f"logits.{k}": v for k, v in _flat(cfg.logits.model_dump()).items()},
+        **flatten(cfg.teacher.model_dump(), "teacher."),
+        **flatten(cfg.data.model_dump(), "data."),
+        **flatten(cfg.logits.model_dump(), "logits."),
         "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
         "data.fingerprint": data_fingerprint(cfg.data),
         "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
@@ -218,12 +218,6 @@ def tokenizer_fingerprint(tokenizer: object) -> str:
     vocab = sorted(tokenizer.get_vocab().items())  # type: ignore[attr-defined]
     special = sorted(str(t) for t in tokenizer.all_special_tokens)  # type: ignore[attr-defined]
     return "sha256:" + hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
-
-
-def _flat(tree: dict) -> dict[str, str]:
-    from dist_bench.config import flatten
-
-    return flatten(tree)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
