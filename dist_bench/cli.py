@@ -6,8 +6,16 @@
     dist-bench report --experiment dist-bench
     dist-bench main                     # kd on the embedded default (what a bare `mlflow run .` runs)
 
-Bad input (config, data, arguments) ends with one line on stderr and exit code 2, before any work where
-it can be caught that early; a stage that fails is marked FAILED in MLflow, never FINISHED.
+    dist-bench validate kd --config ...  # only the pre-flight checks, listed
+
+Every pipeline first runs the pre-flight pass (preflight.py) over all of its inputs, before any MLflow run
+opens. Every expected failure ends with one line on stderr, credentials masked, and an exit code:
+
+    0  done          1  failed while running (the stage is FAILED in MLflow, never FINISHED; prerun gate)
+    2  bad input (config, data, arguments, paths, URIs, devices), found before anything started
+    130  interrupted (Ctrl-C, SIGTERM): the stage is KILLED, its committed work kept; rerun to resume
+
+The traceback is shown only with `dist-bench --debug ...` or DIST_BENCH_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -15,12 +23,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 
 import typer
 
 from dist_bench.config import ConfigError, RunConfig, load_config
+from dist_bench.redact import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -28,7 +39,8 @@ ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="experiment YAML (merged over configs/base.yaml)")
 ]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
-BAD_INPUT = 2
+FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
+T = TypeVar("T")
 
 
 @app.command("main")
@@ -40,15 +52,15 @@ def main_(overrides: Overrides = None) -> None:
 @app.command("kd")
 def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
-    cfg = _load(config, overrides)  # before the heavy imports: bad input fails in a second
+    cfg = _load(config, overrides)
+    checks = _preflight(cfg, "kd")  # before the heavy imports: bad input fails in seconds
     from dist_bench import pipeline
     from dist_bench.prerun import PrerunFailed
 
     try:
-        run = _guarded(lambda: pipeline.kd(cfg))
+        run = _guarded(lambda: pipeline.kd(cfg, checks), passthrough=(PrerunFailed,))
     except PrerunFailed as err:  # the gate: nothing of the teacher's was started
-        typer.echo(f"dist-bench: error: prerun failed, pipeline stopped: {err}", err=True)
-        raise typer.Exit(1) from None
+        _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
     _print_stages(run)
 
 
@@ -56,9 +68,10 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
 def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
     cfg = _load(config, overrides)
+    checks = _preflight(cfg, "cache_logits")
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.cache_logits(cfg))
+    run = _guarded(lambda: pipeline.cache_logits(cfg, checks))
     _print_stages(run)
 
 
@@ -75,9 +88,10 @@ def eval_(
     if not model.strip():
         _fail("--model: empty")
     cfg = _load(config, overrides)
+    checks = _preflight(cfg, "eval", eval_model=model)
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype))
+    run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype, checks))
     _print_stages(run)
 
 
@@ -108,17 +122,38 @@ def prerun_(
     }
     given = [f"prerun.{key}={value}" for key, value in flags.items() if value is not None]
     cfg = _load(config, [*(overrides or []), *given])
+    checks = _preflight(cfg, "prerun", output_dir=output_dir)
     from dist_bench import pipeline
     from dist_bench.prerun import PrerunFailed, summary_text
 
     try:
-        run, report = _guarded(lambda: pipeline.validate(cfg, output_dir))
+        run, report = _guarded(
+            lambda: pipeline.validate(cfg, output_dir, checks), passthrough=(PrerunFailed,)
+        )
     except PrerunFailed as err:
         typer.echo(summary_text(err.report))
-        typer.echo(f"dist-bench: error: prerun failed: {err}", err=True)
-        raise typer.Exit(1) from None
+        _fail(f"prerun failed: {err}", FAILED)
     typer.echo(summary_text(report))
     _print_stages(run)
+
+
+@app.command("validate")
+def validate(
+    pipeline: Annotated[
+        Literal["kd", "cache_logits", "eval", "prerun", "report"], typer.Argument(help="what would be run")
+    ],
+    config: ConfigOption = None,
+    model: Annotated[str | None, typer.Option(help="the model to evaluate (eval only)")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="prerun's report folder (prerun only)")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Only the pre-flight pass of a pipeline: every input checked, nothing run, nothing written."""
+    cfg = _load(config, overrides)
+    checks = _preflight(cfg, pipeline, eval_model=model, output_dir=output_dir)
+    width = max(len(check.name) for check in checks)
+    for check in checks:
+        typer.echo(redact(f"ok  {check.name:<{width}}  {check.detail}"))
+    typer.echo(f"{pipeline}: all {len(checks)} pre-flight checks passed")
 
 
 @app.command("report")
@@ -127,6 +162,9 @@ def report(
     output_dir: Annotated[Path, typer.Option(help="where table.md/.csv/.html are written")] = Path("report"),
 ) -> None:
     """Aggregate the parent runs into the standard table (Markdown here; CSV/HTML as report-run artifacts)."""
+    from dist_bench import preflight
+
+    _guarded(lambda: preflight.report(output_dir))  # a dead server is answered before MLflow's retries
     from dist_bench import report as report_module
 
     table = _guarded(lambda: report_module.run(experiment or [], output_dir))
@@ -141,16 +179,47 @@ def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
     return cfg
 
 
-def _guarded(call):
+def _preflight(cfg: RunConfig, pipeline: str, **inputs: object) -> list:
+    from dist_bench import preflight
+
+    return _guarded(lambda: preflight.run(cfg, pipeline, **inputs))  # type: ignore[arg-type]
+
+
+def _guarded(call: Callable[[], T], passthrough: tuple[type[Exception], ...] = ()) -> T:
+    """Run a command's work; an expected failure becomes one redacted line and its exit code.
+    `passthrough`: exceptions the command reports itself (the prerun gate prints its findings)."""
     try:
         return call()
-    except (FileNotFoundError, ValueError) as err:  # ConfigError, DataError and VocabMismatch are ValueErrors
-        _fail(f"{type(err).__name__}: {err}")
+    except passthrough:
+        raise
+    except (FileNotFoundError, ValueError) as err:
+        # PreflightError and ConfigError; DataError and the like for what only the work itself can see.
+        _fail(_describe(err), BAD_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted; the stage is KILLED and its committed work kept: rerun to resume", INTERRUPTED)
+    except Exception as err:  # a failure while running: the stage and pipeline runs are FAILED
+        _fail(f"{_describe(err)} (dist-bench --debug shows the traceback)", FAILED)
+    raise AssertionError("unreachable")
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"dist-bench: error: {message.splitlines()[0] if message else 'failed'}", err=True)
-    raise typer.Exit(BAD_INPUT)
+def _describe(err: BaseException) -> str:
+    from dist_bench.preflight import PreflightError
+
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if isinstance(err, PreflightError | ConfigError) else f"{type(err).__name__}: {first}"
+
+
+def _fail(message: str, code: int = BAD_INPUT) -> None:
+    if _debug() and sys.exc_info()[0] is not None:
+        typer.echo(redact(traceback.format_exc()), err=True)
+    line = message.strip().splitlines()[0] if message.strip() else "failed"
+    typer.echo(f"dist-bench: error: {redact(line)}", err=True)
+    raise typer.Exit(code)
+
+
+def _debug() -> bool:
+    return os.environ.get("DIST_BENCH_DEBUG", "").lower() in ("1", "true", "yes")
 
 
 def _print_stages(run: object) -> None:
@@ -165,8 +234,12 @@ def _print_stages(run: object) -> None:
 
 
 @app.callback()
-def _prepare_process() -> None:
+def _prepare_process(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks (also DIST_BENCH_DEBUG=1)")] = False,
+) -> None:
     """Runs before every subcommand; cheap on purpose (bad input must fail fast)."""
+    if debug:
+        os.environ["DIST_BENCH_DEBUG"] = "1"
     # Schedulers (SLURM, Kubernetes) stop jobs with SIGTERM: raise KeyboardInterrupt so the running stage is
     # marked KILLED and its committed work is kept for the resume, instead of a run left RUNNING forever.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -191,13 +264,25 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run_entry_point(subcommand: str) -> None:
     """For entry_points/*.py: `--overrides "a=1 b=2"` (one MLproject parameter) becomes dotted arguments."""
+    try:
+        args = _entry_point_args(sys.argv[1:])
+    except typer.Exit as stop:  # raised outside the app: exit as the app would
+        sys.exit(stop.exit_code)
+    app([subcommand, *args])
+
+
+def _entry_point_args(argv: list[str]) -> list[str]:
     import shlex
 
-    args = _boolean_flags(sys.argv[1:])
+    args = _boolean_flags(argv)
     if "--overrides" in args:
         at = args.index("--overrides")
-        args = args[:at] + shlex.split(args[at + 1] if at + 1 < len(args) else "") + args[at + 2 :]
-    app([subcommand, *args])
+        given = args[at + 1] if at + 1 < len(args) else ""
+        try:
+            args = args[:at] + shlex.split(given) + args[at + 2 :]
+        except ValueError as err:  # an unbalanced quote: shlex's "No closing quotation"
+            _fail(f"--overrides: {err} in {given!r}")
+    return args
 
 
 BOOLEAN_FLAGS = ("--quick", "--skip-idle", "--skip-burn-in", "--skip-sampling")

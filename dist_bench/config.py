@@ -109,6 +109,11 @@ class EvalConfig(Strict):
     num_fewshot: int | None = Field(None, ge=0)
     batch_size: int = Field(32, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int | None = Field(
+        None,
+        ge=2,
+        description="lm-eval's maximum sequence length (context + generation); unset: the model's own",
+    )
 
 
 class EnergyConfig(Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,24 +42,42 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return "sha256:" + hashlib.sha256(data_path(cfg).read_bytes()).hexdigest()
 
 
-def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+def read_records(cfg: DataConfig) -> Iterator[tuple[int, str, str]]:
+    """(line number, prompt, completion) of every record that will be used (the first data.max_samples).
+
+    The pre-flight scan and load_examples both read through here, so a file that passes the scan loads.
+    Lines are decoded one by one so that a bad byte is reported with its file and line.
+    """
     path = data_path(cfg)
-    examples = []
-    with path.open() as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if cfg.max_samples is not None and len(examples) >= cfg.max_samples:
-                break
+    used = 0
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if cfg.max_samples is not None and used >= cfg.max_samples:
+                return
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             prompt, completion = _read_record(path, line_no, line, cfg)
-            example = _tokenize(prompt, completion, tokenizer, cfg)
-            if example is None:
-                raise DataError(
-                    f"{path}:{line_no}: prompt fills data.max_length={cfg.max_length}; nothing to learn"
-                )
-            examples.append(example)
-    if not examples:
+            used += 1
+            yield line_no, prompt, completion
+    if used == 0:
         raise DataError(f"{path}: no records")
+
+
+def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+    examples = []
+    for line_no, prompt, completion in read_records(cfg):
+        example = tokenize(prompt, completion, tokenizer, cfg)
+        if example is None:
+            raise DataError(
+                f"{data_path(cfg)}:{line_no}: prompt fills data.max_length={cfg.max_length}; nothing to learn"
+            )
+        examples.append(example)
     return examples
 
 
@@ -73,7 +92,7 @@ def _read_record(path: Path, line_no: int, line: str, cfg: DataConfig) -> tuple[
     return record[cfg.prompt_field], record[cfg.completion_field]
 
 
-def _tokenize(
+def tokenize(
     prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
 ) -> Example | None:
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -8,6 +8,7 @@ Whatever it is, it ends in `AutoModelForCausalLM.from_pretrained` / `AutoTokeniz
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -75,6 +76,13 @@ def fingerprint(spec: str, revision: str | None = None) -> str:
     if path.is_dir():
         return "sha256:" + hash_files(sorted(p for p in path.rglob("*") if p.is_file()), root=path)
     return f"hub:{spec}@{revision or 'main'}"
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Identity of a vocabulary: logit distillation needs teacher and student to share it exactly."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in tokenizer.all_special_tokens)
+    return "sha256:" + hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
 def hash_files(files: list[Path], root: Path | None = None) -> str:

@@ -5,6 +5,7 @@
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
 
+Each first runs its pre-flight pass (preflight.py): bad input stops it before any MLflow run opens.
 A stage that already ran with identical inputs is reused (see tracking.execute_stage), so running
 `cache_logits` first and `kd` afterwards caches the teacher once.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dist_bench import prerun
+from dist_bench import preflight, prerun
 from dist_bench.config import RunConfig
 from dist_bench.evaluation import stage as eval_stage
 from dist_bench.student import kd as kd_stage
@@ -29,8 +30,10 @@ def _identity_tags(cfg: RunConfig) -> dict[str, str]:
     }
 
 
-def kd(cfg: RunConfig) -> ParentRun:
-    with pipeline_run(cfg, "kd", cfg.name, _identity_tags(cfg)) as parent:
+def kd(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+    """`checks`: the pre-flight pass already run (the CLI runs it before importing this module)."""
+    checks = preflight.kd(cfg) if checks is None else checks  # every input, before any run or stage
+    with pipeline_run(cfg, "kd", cfg.name, _identity_tags(cfg), checks) as parent:
         if cfg.prerun.enabled:  # first: a failed required check stops it before any teacher work
             prerun.run_stage(parent)
         cache = logit_cache.run(parent)
@@ -43,22 +46,29 @@ def kd(cfg: RunConfig) -> ParentRun:
     return parent
 
 
-def cache_logits(cfg: RunConfig) -> ParentRun:
-    with pipeline_run(cfg, "cache_logits", f"{cfg.name}-cache", _identity_tags(cfg)) as parent:
+def cache_logits(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+    checks = preflight.cache_logits(cfg) if checks is None else checks
+    with pipeline_run(cfg, "cache_logits", f"{cfg.name}-cache", _identity_tags(cfg), checks) as parent:
         logit_cache.run(parent)
     return parent
 
 
-def evaluate(cfg: RunConfig, model: str, dtype: str = "auto") -> ParentRun:
+def evaluate(
+    cfg: RunConfig, model: str, dtype: str = "auto", checks: list[preflight.Check] | None = None
+) -> ParentRun:
     tags = {"dist_bench.student": model, "dist_bench.data": ",".join(cfg.eval.tasks)}
-    with pipeline_run(cfg, "eval", f"eval:{model}", tags) as parent:
+    checks = preflight.evaluate(cfg, model) if checks is None else checks
+    with pipeline_run(cfg, "eval", f"eval:{model}", tags, checks) as parent:
         eval_stage.run(parent, model=model, dtype=dtype)
     return parent
 
 
-def validate(cfg: RunConfig, output_dir: Path | None = None) -> tuple[ParentRun, prerun.PrerunReport]:
+def validate(
+    cfg: RunConfig, output_dir: Path | None = None, checks: list[preflight.Check] | None = None
+) -> tuple[ParentRun, prerun.PrerunReport]:
     """Standalone pre-run validation; a critical finding fails the run (PrerunFailed), as a gate would."""
     gate = cfg.model_copy(update={"prerun": cfg.prerun.model_copy(update={"required": True})})
-    with pipeline_run(gate, "prerun", f"{cfg.name}-prerun", {}) as parent:
+    checks = preflight.prerun(cfg, output_dir) if checks is None else checks
+    with pipeline_run(gate, "prerun", f"{cfg.name}-prerun", {}, checks) as parent:
         _, report = prerun.run_stage(parent, output_dir)
     return parent, report

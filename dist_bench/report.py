@@ -24,6 +24,8 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from dist_bench import preflight
+from dist_bench.redact import redact
 from dist_bench.tracking import ROLE, open_store, tracking_uri
 
 ROLES = {
@@ -37,6 +39,7 @@ ESTIMATED = "~"
 
 def run(experiments: list[str], output_dir: Path) -> str:
     """Build the table from the tracking server, write the files, log them as a report run; return Markdown."""
+    preflight.report(output_dir)
     open_store()
     client = MlflowClient()
     experiment_ids = _experiment_ids(client, experiments)
@@ -71,7 +74,7 @@ def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
     for name in names:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            raise ValueError(f"--experiment: no experiment named '{name}' at {tracking_uri()}")
+            raise ValueError(f"--experiment: no experiment named '{name}' at {redact(tracking_uri())}")
         ids.append(experiment.experiment_id)
     return ids
 

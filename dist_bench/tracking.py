@@ -10,6 +10,11 @@ as strings, as MLflow's multistep example does) and code version match and whose
 disk with the recorded content hashes; upstream outputs enter the params as their hashes, so a changed
 teacher cache invalidates everything downstream. Stage working files live in
 `<output.run_dir>/<stage>/<stage key>/`; a stage killed half-way resumes from them on the next call.
+
+Runs are created with their tags in one call, and every pipeline and stage run names a lock file that its
+process holds while it lives (`dist_bench.liveness_lock`). A process that dies without ending its runs
+(SIGKILL, the OOM killer, a lost node) loses the lock with its life, so the next pipeline marks those runs
+KILLED instead of leaving them RUNNING for ever (close_dead_runs).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,13 +46,16 @@ from dist_bench.config import RunConfig, config_hash
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
 from dist_bench.energy.outputs import StageSeries, append_results_row, plot_timeline, write_timeline_csv
+from dist_bench.preflight import Check, tracking_uri
+from dist_bench.redact import has_credentials, redact
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "dist_bench.role"
 STAGE = "dist_bench.stage"
 STAGE_KEY = "dist_bench.stage_key"
 ENERGY_PROGRESS = "energy_progress.json"  # energy of earlier, interrupted attempts of a stage
 DONE = "DONE.json"  # written last: the stage's outputs are complete
+LIVENESS = "dist_bench.liveness_lock"  # tag: the lock file the run's process holds while it lives
+HOST, PID = "dist_bench.host", "dist_bench.pid"
 
 
 @dataclass
@@ -105,10 +115,7 @@ class ParentRun:
     idle_power_w: float | None = None  # per GPU, for the stages' net energy
     idle_source: str = "none"  # config | measured | prerun | none
     timeline: list[StageSeries] = field(default_factory=list)
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    liveness_lock: Path | None = None  # held by this process while the pipeline runs (see close_dead_runs)
 
 
 def experiment_id(name: str) -> str:
@@ -130,6 +137,8 @@ def open_store() -> None:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if has_credentials(uri):  # MLflow prints "View run at <tracking URI>/#/..." with the password in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -155,41 +164,124 @@ def code_version() -> str:
 
 @contextmanager
 def pipeline_run(
-    cfg: RunConfig, pipeline: str, run_name: str, tags: dict[str, str] | None = None
+    cfg: RunConfig,
+    pipeline: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    checks: list[Check] | None = None,
 ) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
     open_store()
-    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: continue the run it created, in its experiment
-        run = mlflow.start_run(run_name=run_name)
-    else:
-        # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which would pin every later pipeline
-        # of this process (and its subprocesses) to the first experiment.
-        run = mlflow.start_run(experiment_id=experiment_id(cfg.tracking.experiment_name), run_name=run_name)
-    parent = ParentRun(run.info.run_id, run.info.experiment_id, cfg, pipeline)
+    close_dead_runs()
+    commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
+    with _liveness_lock(cfg.output.run_dir) as lock:
+        run_tags = {
+            ROLE: "pipeline",
+            "dist_bench.pipeline": pipeline,
+            "dist_bench.config_hash": cfg.hash(),
+            "dist_bench.git_commit": commit or "none",
+            "dist_bench.git_dirty": str(dirty).lower(),
+            **_liveness_tags(lock),
+            **(tags or {}),
+        }
+        if os.environ.get(
+            "MLFLOW_RUN_ID"
+        ):  # under `mlflow run`: continue the run it created, in its experiment
+            run = mlflow.start_run(run_name=run_name, tags=run_tags)
+        else:
+            # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which would pin every later pipeline
+            # of this process (and its subprocesses) to the first experiment. The tags go in with the create
+            # call, so not even a kill in the first instant leaves an untagged run behind.
+            experiment = experiment_id(cfg.tracking.experiment_name)
+            run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=run_tags)
+        parent = ParentRun(run.info.run_id, run.info.experiment_id, cfg, pipeline, liveness_lock=lock)
+        try:
+            _log_params(parent.run_id, cfg.flat())
+            mlflow.log_text(
+                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/merged.yaml"
+            )
+            mlflow.log_dict(environment.snapshot(), "environment.json")
+            if checks is not None:
+                mlflow.log_dict([asdict(check) for check in checks], "preflight.json")
+            _set_idle_power(parent)
+            yield parent
+            _log_rollup(parent)
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            mlflow.set_tag("dist_bench.error", redact(f"{type(err).__name__}: {err}")[:5000])
+            mlflow.end_run(status)
+            raise
+        mlflow.end_run("FINISHED")
+
+
+def close_dead_runs() -> list[str]:
+    """Mark KILLED every RUNNING run whose process is gone; return their ids.
+
+    A run's process holds its liveness lock (flock) until it ends the run; the kernel releases the lock when
+    the process dies, however it dies. A lock that can be taken therefore belongs to a dead process. Where
+    the lock file is not visible from here (another host's local disk) the run is left alone unless it was
+    started on this host by a process that no longer exists.
+    """
+    client = MlflowClient()
+    runs = client.search_runs(
+        experiment_ids=_all_experiment_ids(),
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{LIVENESS}` LIKE '%'",
+    )
+    closed = []
+    for run in runs:
+        # Status read again after the lock was taken: the owner may have ended the run in between.
+        if _owner_is_dead(run.data.tags) and client.get_run(run.info.run_id).info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+@contextmanager
+def _liveness_lock(run_dir: str) -> Iterator[Path]:
+    """A lock file held for as long as this block runs (the pipeline's lifetime)."""
+    folder = Path(run_dir).resolve() / ".alive"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)  # before the unlock: a sweeper never takes a live run's lock
+
+
+def _liveness_tags(lock: Path) -> dict[str, str]:
+    return {LIVENESS: str(lock), HOST: socket.gethostname(), PID: str(os.getpid())}
+
+
+def _owner_is_dead(tags: dict[str, str]) -> bool:
+    lock = Path(tags[LIVENESS])
     try:
-        commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
-        mlflow.set_tags(
-            {
-                ROLE: "pipeline",
-                "dist_bench.pipeline": pipeline,
-                "dist_bench.config_hash": cfg.hash(),
-                "dist_bench.git_commit": commit or "none",
-                "dist_bench.git_dirty": str(dirty).lower(),
-                **(tags or {}),
-            }
-        )
-        _log_params(parent.run_id, cfg.flat())
-        mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/merged.yaml")
-        mlflow.log_dict(environment.snapshot(), "environment.json")
-        _set_idle_power(parent)
-        yield parent
-        _log_rollup(parent)
-    except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        mlflow.set_tag("dist_bench.error", f"{type(err).__name__}: {err}"[:5000])
-        mlflow.end_run(status)
-        raise
-    mlflow.end_run("FINISHED")
+        handle = lock.open("r")
+    except (
+        FileNotFoundError
+    ):  # ended cleanly (then it is not RUNNING), a wiped run dir, or another host's disk
+        return tags.get(HOST) == socket.gethostname() and not _pid_alive(int(tags.get(PID, "0") or 0))
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        lock.unlink(missing_ok=True)
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def execute_stage(
@@ -236,26 +328,28 @@ def _run(
     tags: dict[str, str],
 ) -> StageResult:
     cfg = parent.cfg
-    interrupted = _mark_interrupted_attempts(key)
+    interrupted = _interrupted_attempts(key)
     prior = _read_prior_energy(stage_dir)
     started = _now()
-    run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id)
+    run_tags = {
+        ROLE: "stage",
+        STAGE: stage,
+        STAGE_KEY: key,
+        "dist_bench.pipeline": parent.pipeline,
+        "dist_bench.git_commit": parent_tag(parent, "dist_bench.git_commit"),
+        "dist_bench.code_version": params["code_version"],
+        "dist_bench.stage_dir": str(stage_dir),
+        "dist_bench.resumed": str(prior is not None).lower(),
+        **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
+        **(_liveness_tags(parent.liveness_lock) if parent.liveness_lock else {}),
+        **tags,
+    }
+    # Created with its tags in one call: a kill in the next instant still leaves a run the next attempt finds.
+    run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id, tags=run_tags)
     run_id = run.info.run_id
     try:
-        mlflow.set_tags(
-            {
-                ROLE: "stage",
-                STAGE: stage,
-                STAGE_KEY: key,
-                "dist_bench.pipeline": parent.pipeline,
-                "dist_bench.git_commit": parent_tag(parent, "dist_bench.git_commit"),
-                "dist_bench.code_version": params["code_version"],
-                "dist_bench.stage_dir": str(stage_dir),
-                "dist_bench.resumed": str(prior is not None).lower(),
-                **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
-                **tags,
-            }
-        )
+        for earlier in interrupted:
+            MlflowClient().set_tag(earlier, "dist_bench.resumed_by", run_id)
         _log_params(run_id, params)
         window = EnergyWindow(
             cfg.energy, stage_dir, stage, idle_power_w=parent.idle_power_w, idle_source=parent.idle_source
@@ -281,7 +375,7 @@ def _run(
     except BaseException as err:
         # Ctrl-C / SIGTERM -> KILLED, anything else -> FAILED; never FINISHED. Work committed so far stays in
         # stage_dir for the next attempt to resume from.
-        mlflow.set_tag("dist_bench.error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.set_tag("dist_bench.error", redact(f"{type(err).__name__}: {err}")[:5000])
         mlflow.end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
@@ -325,17 +419,25 @@ def _find_reusable(stage: str, key: str, params: dict[str, str], stage_dir: Path
     return None
 
 
-def _mark_interrupted_attempts(key: str) -> list[str]:
-    """Earlier attempts still RUNNING died without ending their run (we hold the stage lock): mark them."""
+def _interrupted_attempts(key: str) -> list[str]:
+    """Earlier attempts at this stage key that did not finish and that no later attempt has resumed.
+
+    One still RUNNING died without ending its run (we hold the stage lock, so it is not running now): it is
+    marked KILLED here. The new attempt resumes from their committed work and names them (resumed_from).
+    """
     client = MlflowClient()
     runs = client.search_runs(
         experiment_ids=_all_experiment_ids(),
-        filter_string=f"tags.`{STAGE_KEY}` = '{key}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{STAGE_KEY}` = '{key}' and attributes.status != 'FINISHED'",
     )
+    earlier = []
     for run in runs:
-        client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return [run.info.run_id for run in runs]
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+        if "dist_bench.resumed_by" not in run.data.tags:
+            earlier.append(run.info.run_id)
+    return earlier
 
 
 def _log_stage_rollup(parent: ParentRun, result: StageResult) -> None:
@@ -535,7 +637,7 @@ def _read_prior_energy(stage_dir: Path) -> EnergyReading | None:
 
 
 def _log_params(run_id: str, params: dict[str, str]) -> None:
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, redact(v)) for k, v in params.items()]
     client = MlflowClient()
     for start in range(0, len(items), 100):  # the tracking API takes at most 100 params per batch
         client.log_batch(run_id, params=items[start : start + 100], synchronous=True)

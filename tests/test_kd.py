@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import small_config
 from dist_bench import pipeline, tinyworld
 from dist_bench.config import load_config
-from dist_bench.dataset import DataError, collate, load_examples
+from dist_bench.dataset import collate, load_examples
+from dist_bench.preflight import PreflightError
 from dist_bench.student import kd
 from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tinyworld.tokenizer import build_tokenizer
@@ -119,12 +120,16 @@ def test_a_student_with_another_vocabulary_stops_before_training(workdir: Path) 
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with pytest.raises(DataError, match=r"student tokenizer .* differs from the teacher's"):
+    # The pre-flight pass finds it before the teacher's cache is paid for: no run, no stage.
+    with pytest.raises(
+        PreflightError, match=r"student\.model: vocab_size 259 .* differs from the teacher's 258"
+    ):
         pipeline.kd(small_config(workdir, f"student.model={other}"))
-    runs = MlflowClient().search_runs(
-        [e.experiment_id for e in MlflowClient().search_experiments()], order_by=["attributes.start_time ASC"]
-    )
-    status = {r.info.run_name: r.info.status for r in runs}
-    assert status["student_train"] == "FAILED" and status["tiny-kd"] == "FAILED"
-    assert "eval" not in status
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "runs").exists()
+    # The stage keeps its own check for a cache it did not see made (a reused or copied cache).
+    cache = pipeline.cache_logits(small_config(workdir)).stages[0].outputs["logit_cache"]
+    with pytest.raises(kd.VocabMismatch, match=r"student tokenizer .* differs from the teacher's"):
+        kd.check_compatible(
+            TopKCache.open(cache).manifest, tokenizer, small_config(workdir, f"student.model={other}")
+        )
     assert not list((workdir / "runs" / "student_train").glob("*/checkpoints/step-*"))

@@ -112,6 +112,7 @@ def run_lm_eval(
         device=str(device),
         dtype=pick_dtype(dtype, device),
         batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
         trust_remote_code=trust_remote_code,
     )
     raw = simple_evaluate(

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, get_scheduler
 from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Batch, DataError, Example, collate, load_examples
-from dist_bench.teacher.logit_cache import TopKCache, tokenizer_fingerprint
+from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
 STAGE = "student_train"
@@ -216,7 +216,7 @@ def plan_steps(examples: list[Example], cfg: RunConfig) -> list[list[list[int]]]
 
 
 def check_compatible(manifest: dict, student_tokenizer: object, cfg: RunConfig) -> None:
-    student_fp = tokenizer_fingerprint(student_tokenizer)
+    student_fp = models.tokenizer_fingerprint(student_tokenizer)
     if student_fp != manifest["tokenizer"]:
         raise VocabMismatch(
             f"student tokenizer ({cfg.student.model}) differs from the teacher's ({cfg.teacher.model}): "

@@ -49,7 +49,7 @@ def run(parent: ParentRun) -> StageResult:
         **flatten(cfg.logits.model_dump(), "logits."),
         "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
         "data.fingerprint": data_fingerprint(cfg.data),
-        "tokenizer.fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer.fingerprint": models.tokenizer_fingerprint(tokenizer),
         "device": device.type,
     }
 
@@ -212,12 +212,6 @@ class TopKCache:
         return torch.cat(
             [torch.arange(self.row_start[i], self.row_start[i] + self.row_count[i]) for i in indices]
         )
-
-
-def tokenizer_fingerprint(tokenizer: object) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())  # type: ignore[attr-defined]
-    special = sorted(str(t) for t in tokenizer.all_special_tokens)  # type: ignore[attr-defined]
-    return "sha256:" + hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

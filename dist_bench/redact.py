@@ -1,0 +1,44 @@
+"""Credentials never leave the process: what dist-bench prints, logs, tags or writes goes through `redact`.
+
+    redact("http://user:hunter2@mlflow:5000 is not reachable")  # 'http://user:***@mlflow:5000 is not reachable'
+
+Two kinds of secret are masked: the password part of any URI (`scheme://user:password@host`, the form some
+tracking servers and OpenAI-compatible endpoints are reached by) and the value of every environment
+variable whose name says it holds a secret (`*_TOKEN`, `*_API_KEY`, `*_PASSWORD`, ...), wherever such a
+value turns up in the text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+MASK = "***"
+# scheme://user:password@  (the user is kept: it tells which account without unlocking it)
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]+)@")
+_SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I
+)
+_SHORTEST_SECRET = 6  # shorter values ("true", "1") would mask ordinary words
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables named like secrets, longest first (so none is masked in part)."""
+    values = {
+        value
+        for name, value in os.environ.items()
+        if _SECRET_NAME.search(name) and len(value) >= _SHORTEST_SECRET
+    }
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """`text` with URI passwords and secret environment values replaced by ***."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    for value in secret_values():
+        text = text.replace(value, MASK)
+    return text
+
+
+def has_credentials(uri: str) -> bool:
+    return _USERINFO.search(uri) is not None

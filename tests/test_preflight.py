@@ -1,0 +1,379 @@
+"""Pre-flight: every bad input is answered before anything starts, with one line naming the culprit.
+
+Each case runs the real command in its own process, folder and MLflow store, as a user would, and checks
+what the user gets: exit code 2, exactly one stderr line naming the field, file and line, URI or option,
+no MLflow run left RUNNING or FINISHED, and no stage started (no run dir written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT, free_port, small_config
+from dist_bench import preflight, tinyworld
+from dist_bench.teacher.logit_cache import TopKCache
+
+STUDENT = tinyworld.ASSETS / "student-init"
+ARITH_TASK = PROJECT / "configs" / "tasks" / "tiny_arith.yaml"
+
+
+def dist_bench(
+    folder: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m dist_bench args` in `folder`, with a store of its own there and the Hub off limits."""
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(folder),
+        "HF_HOME": str(folder / "hf-home"),  # an empty Hugging Face cache
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "dist_bench", *args],
+        cwd=folder,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_rejected(done: subprocess.CompletedProcess[str], folder: Path, *culprit: str) -> str:
+    """Exit 2, one stderr line naming the culprit, nothing RUNNING or FINISHED, no stage started."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("dist-bench: error: "), lines[0]
+    for part in culprit:
+        assert part in lines[0], lines[0]
+    assert "Traceback" not in done.stdout + done.stderr
+    db = folder / "mlflow.db"
+    if db.exists():
+        statuses = [row[0] for row in sqlite3.connect(db).execute("select status from runs")]
+        assert not {"RUNNING", "FINISHED"} & set(statuses), statuses
+    assert not (folder / "runs").exists(), "a stage started"
+    return lines[0]
+
+
+def copy_student(folder: Path, edit: Callable[[Path], None]) -> Path:
+    student = folder / "student"
+    shutil.copytree(STUDENT, student)
+    edit(student)
+    return student
+
+
+def edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+# ---- late failure after paid work: now found before the first stage --------------------------------------
+
+
+def test_student_path_that_does_not_exist(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", f"student.model={tmp_path / 'no-such-student'}")
+    assert_rejected(done, tmp_path, "student.model:", "no-such-student", "no such folder")
+
+
+def test_student_with_another_tokenizer(tmp_path: Path) -> None:
+    def add_token(folder: Path) -> None:
+        edit_json(folder / "tokenizer.json", lambda t: t["model"]["vocab"].update({"<extra>": 999}))
+
+    student = copy_student(tmp_path, add_token)
+    done = dist_bench(tmp_path, "kd", f"student.model={student}")
+    assert_rejected(done, tmp_path, "student.model:", "tokenizer", "differs from the teacher's")
+
+
+def test_student_with_another_vocabulary_size(tmp_path: Path) -> None:
+    student = copy_student(
+        tmp_path, lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size=300))
+    )
+    done = dist_bench(tmp_path, "kd", f"student.model={student}")
+    assert_rejected(done, tmp_path, "student.model:", "vocab_size 300", "teacher's 258")
+
+
+def test_unknown_eval_task(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", "eval.tasks=[tiny_arith,tiny_nope]")
+    assert_rejected(done, tmp_path, "eval.tasks:", "'tiny_nope'")
+
+
+def test_missing_task_folder(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", f"eval.task_dir={tmp_path / 'no-tasks'}")
+    assert_rejected(done, tmp_path, "eval.task_dir:", "no-tasks", "is not a folder")
+
+
+def test_task_whose_data_file_is_missing(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    text = ARITH_TASK.read_text().replace("../../dist_bench", str(PROJECT / "dist_bench"))
+    (tasks / "tiny_arith.yaml").write_text(text.replace("arith_eval.jsonl", "gone.jsonl"))
+    done = dist_bench(tmp_path, "kd", f"eval.task_dir={tasks}")
+    assert_rejected(done, tmp_path, "eval.tasks:", "tiny_arith", "gone.jsonl", "not found")
+
+
+def test_unknown_tinyworld_asset(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", "teacher.model=tinyworld:teacher-xl")
+    assert_rejected(done, tmp_path, "teacher.model:", "tinyworld:teacher-xl")
+
+
+# ---- what used to end in a traceback -----------------------------------------------------------------
+
+
+def test_model_folder_without_a_config(tmp_path: Path) -> None:
+    (tmp_path / "empty-model").mkdir()
+    done = dist_bench(tmp_path, "kd", f"teacher.model={tmp_path / 'empty-model'}")
+    assert_rejected(done, tmp_path, "teacher.model:", "empty-model", "no config.json")
+
+
+def test_hub_id_that_is_not_cached_while_offline(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", "student.model=nobody/no-such-model")
+    assert_rejected(done, tmp_path, "student.model:", "'nobody/no-such-model'", "HF_HUB_OFFLINE")
+
+
+def test_hub_id_in_the_local_cache_passes_offline(tmp_path: Path) -> None:
+    """The real Hugging Face cache layout (models--org--name/snapshots/<commit>, refs/main) is accepted."""
+    repo = tmp_path / "hf-home" / "hub" / "models--tiny--student"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(STUDENT, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    done = dist_bench(tmp_path, "validate", "kd", "student.model=tiny/student")
+    assert done.returncode == 0, done.stderr
+    assert "student.model" in done.stdout and "tiny/student (Hugging Face cache)" in done.stdout
+
+
+def test_runs_uri_of_a_run_that_does_not_exist(tmp_path: Path) -> None:
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("dist-bench")
+    uri = "runs:/0123456789abcdef0123456789abcdef/final_model"
+    done = dist_bench(tmp_path, "eval", "--model", uri)
+    assert_rejected(done, tmp_path, "--model:", uri)
+
+
+def test_runs_uri_with_an_artifact_path_that_does_not_exist(tmp_path: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("dist-bench"))
+    client.set_terminated(run.info.run_id, "FAILED")  # a run of some earlier, unrelated attempt
+    uri = f"runs:/{run.info.run_id}/final_model"
+    done = dist_bench(tmp_path, "kd", f"student.model={uri}")
+    assert_rejected(done, tmp_path, "student.model:", uri, "no such artifact")
+
+
+def test_models_uri_that_is_not_registered(tmp_path: Path) -> None:
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("dist-bench")
+    done = dist_bench(tmp_path, "eval", "--model", "models:/tiny-student/3")
+    assert_rejected(done, tmp_path, "--model:", "models:/tiny-student/3")
+
+
+def test_cuda_requested_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = dist_bench(tmp_path, "kd", "train.device=cuda")
+    assert_rejected(done, tmp_path, "train.device=cuda", "no CUDA device")
+
+
+def test_run_dir_that_is_not_writable(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    # Root may write anywhere os.access says no; an immutable folder it cannot.
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        done = dist_bench(tmp_path, "kd", f"output.run_dir={locked / 'runs'}")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert_rejected(done, tmp_path, "output.run_dir:", "locked", "not writable")
+    assert not (locked / "runs").exists()
+
+
+def test_run_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "runs.txt").write_text("not a folder")
+    done = dist_bench(tmp_path, "kd", f"output.run_dir={tmp_path / 'runs.txt'}")
+    assert_rejected(done, tmp_path, "output.run_dir:", "runs.txt", "is a file")
+
+
+def test_data_line_that_is_not_utf8(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    good = json.dumps({"prompt": "Question: 1 + 1?\nAnswer:", "completion": " #### 2"}).encode() + b"\n"
+    data.write_bytes(good * 2 + b'{"prompt": "caf\xe9", "completion": " x"}\n' + good)
+    done = dist_bench(tmp_path, "kd", f"data.train={data}")
+    assert_rejected(done, tmp_path, f"data.train: {data}:3: not valid UTF-8 (byte 0xe9")
+
+
+def test_data_line_that_is_not_json(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    done = dist_bench(tmp_path, "cache_logits", f"data.train={data}")
+    assert_rejected(done, tmp_path, f"data.train: {data}:2: not valid JSON")
+
+
+def test_data_file_that_does_not_exist(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", f"data.train={tmp_path / 'nope.jsonl'}")
+    assert_rejected(done, tmp_path, "data.train:", "nope.jsonl", "not found")
+
+
+def test_tracking_uri_with_a_typo_in_its_scheme(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "kd", env={"MLFLOW_TRACKING_URI": f"sqlte:///{tmp_path / 'mlflow.db'}"})
+    assert_rejected(done, tmp_path, "MLFLOW_TRACKING_URI:", "unknown scheme 'sqlte'")
+
+
+def test_tracking_uri_at_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    done = dist_bench(tmp_path, "kd", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'notes.txt'}"})
+    assert_rejected(done, tmp_path, "MLFLOW_TRACKING_URI:", "notes.txt", "is not an SQLite database")
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n"
+
+
+def test_tracking_server_that_is_not_listening(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = dist_bench(tmp_path, "kd", env={"MLFLOW_TRACKING_URI": url})
+    assert_rejected(done, tmp_path, "MLFLOW_TRACKING_URI:", url, "no tracking server answers")
+    assert time.monotonic() - started < 30  # not minutes of MLflow's retries
+
+
+def test_report_against_a_server_that_is_not_listening(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    done = dist_bench(tmp_path, "report", "--output-dir", "table", env={"MLFLOW_TRACKING_URI": url})
+    assert_rejected(done, tmp_path, "MLFLOW_TRACKING_URI:", url)
+    assert not (tmp_path / "table").exists()
+
+
+def test_unbalanced_quote_in_mlproject_overrides(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "entry_points" / "kd.py"), "--overrides", "name='unclosed seed=3"],
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_rejected(done, tmp_path, "--overrides:", "No closing quotation")
+
+
+# ---- limits that used to be found inside the work ------------------------------------------------------
+
+
+def test_top_k_larger_than_the_teacher_vocabulary(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "cache_logits", "logits.top_k=300")
+    assert_rejected(done, tmp_path, "logits.top_k:", "300", "258 tokens")
+
+
+def write_long_generation_task(folder: Path) -> Path:
+    """tiny_arith as real GSM8K is written: no max_gen_toks, so lm-eval generates up to its 256 tokens."""
+    tasks = folder / "tasks"
+    tasks.mkdir()
+    text = ARITH_TASK.read_text().replace("task: tiny_arith", "task: tiny_arith_long")
+    text = text.replace("  max_gen_toks: 16", "").replace("../../dist_bench", str(PROJECT / "dist_bench"))
+    (tasks / "tiny_arith_long.yaml").write_text(text)
+    return tasks
+
+
+def test_task_that_generates_beyond_the_model_context(tmp_path: Path) -> None:
+    tasks = write_long_generation_task(tmp_path)
+    done = dist_bench(tmp_path, "kd", f"eval.task_dir={tasks}", "eval.tasks=[tiny_arith_long]")
+    assert_rejected(
+        done,
+        tmp_path,
+        "eval.tasks:",
+        "'tiny_arith_long' generates up to 256 tokens",
+        "128",
+        "eval.max_length",
+    )
+
+
+def test_eval_max_length_reaches_lm_eval(workdir: Path) -> None:
+    """With eval.max_length above the generation length, the same task runs through lm-eval (which would
+    otherwise stop on its assertion that max_length exceeds max_gen_toks)."""
+    from dist_bench import pipeline
+
+    tasks = write_long_generation_task(workdir)
+    cfg = small_config(workdir, f"eval.task_dir={tasks}", "eval.tasks=[tiny_arith_long]", "eval.limit=2")
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_length": 384})})
+    parent = pipeline.evaluate(cfg, "tinyworld:teacher")
+    assert "eval/tiny_arith_long/exact_match" in parent.stages[0].metrics
+
+
+# ---- disk ---------------------------------------------------------------------------------------------
+
+
+def test_planned_cache_size_matches_the_cache_written(workdir: Path) -> None:
+    from dist_bench import pipeline
+
+    cfg = small_config(workdir)
+    teacher = preflight.model_facts(preflight.model_source("teacher.model", cfg.teacher), cfg.teacher)
+    planned = preflight.planned_cache_bytes(cfg, teacher.tokenizer, preflight.data_records(cfg))
+    written = TopKCache.open(pipeline.cache_logits(cfg).stages[0].outputs["logit_cache"]).manifest["bytes"]
+    # The estimate is of the tensors; each shard file adds a few hundred bytes of safetensors header.
+    assert 0 < written - planned < 0.05 * written, (planned, written)
+
+
+def test_logit_cache_larger_than_the_free_disk(tmp_path: Path) -> None:
+    small_disk = tmp_path / "small-disk"
+    small_disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small_disk)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        done = dist_bench(
+            tmp_path, "cache_logits", f"output.run_dir={small_disk / 'runs'}", "logits.top_k=64"
+        )
+    finally:
+        subprocess.run(["umount", str(small_disk)], check=True)
+    assert_rejected(done, tmp_path, "output.run_dir:", "small-disk", "logit cache", "needs about")
+
+
+# ---- dist-bench validate ------------------------------------------------------------------------------
+
+
+def test_validate_lists_its_checks_and_writes_nothing(tmp_path: Path) -> None:
+    config = PROJECT / "configs" / "experiments" / "tiny_kd.yaml"
+    done = dist_bench(tmp_path, "validate", "kd", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    listed = [line for line in done.stdout.splitlines() if line.startswith("ok  ")]
+    names = ["tracking store", "output.run_dir", "teacher.model", "student.model", "data.train", "train.device",
+             "eval.device", "logits.top_k", "vocabulary", "eval.tasks", "disk"]  # fmt: skip
+    assert [line[4:].split("  ")[0].strip() for line in listed] == names
+    assert done.stdout.strip().endswith(f"kd: all {len(names)} pre-flight checks passed")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_validate_a_config_with_a_missing_student_in_under_5_seconds(tmp_path: Path) -> None:
+    config = tmp_path / "missing_student.yaml"
+    text = (PROJECT / "configs" / "experiments" / "tiny_kd.yaml").read_text()
+    config.write_text(text.replace("model: tinyworld:student-init", f"model: {tmp_path / 'students' / 'v2'}"))
+    started = time.monotonic()
+    done = dist_bench(tmp_path, "validate", "kd", "--config", str(config))
+    elapsed = time.monotonic() - started
+    assert_rejected(done, tmp_path, "student.model:", "students/v2")
+    assert elapsed < 5, elapsed
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = dist_bench(tmp_path, "--debug", "kd", "teacher.model=tinyworld:teacher-xl")
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr and done.stderr.strip().splitlines()[-1].startswith(
+        "dist-bench: error:"
+    )
+
+
+def test_pipeline_records_its_preflight_checks(workdir: Path) -> None:
+    from dist_bench import pipeline
+
+    parent = pipeline.cache_logits(small_config(workdir))
+    logged = MlflowClient().download_artifacts(parent.run_id, "preflight.json", str(workdir))
+    names = [check["name"] for check in json.loads(Path(logged).read_text())]
+    assert names[:2] == ["tracking store", "output.run_dir"] and "logits.top_k" in names
