@@ -13,8 +13,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -377,3 +379,79 @@ def test_pipeline_records_its_preflight_checks(workdir: Path) -> None:
     logged = MlflowClient().download_artifacts(parent.run_id, "preflight.json", str(workdir))
     names = [check["name"] for check in json.loads(Path(logged).read_text())]
     assert names[:2] == ["tracking store", "output.run_dir"] and "logits.top_k" in names
+
+
+# ---- a Hub id while the Hub may be used: answered by a real HTTP server in the Hub's API shape ------------
+
+
+class FakeHubApi(BaseHTTPRequestHandler):
+    """The two answers of the Hub's model API that pre-flight turns into messages (huggingface_hub reads
+    the X-Error-Code header)."""
+
+    def do_GET(self) -> None:
+        code = "RevisionNotFound" if "/revision/" in self.path else "RepoNotFound"
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": code}).encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHubApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def online(endpoint: str) -> dict[str, str]:
+    return {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint}
+
+
+def test_hub_id_that_the_hub_does_not_have(tmp_path: Path, hub: str) -> None:
+    done = dist_bench(tmp_path, "kd", "student.model=nobody/missing", env=online(hub))
+    assert_rejected(done, tmp_path, "student.model:", "'nobody/missing'", "no such model is on the Hub")
+
+
+def test_hub_revision_that_does_not_exist(tmp_path: Path, hub: str) -> None:
+    done = dist_bench(tmp_path, "kd", "student.model=org/model", "student.revision=v9", env=online(hub))
+    assert_rejected(done, tmp_path, "student.revision: 'v9' not found in org/model")
+
+
+def test_hub_id_while_the_hub_is_unreachable(tmp_path: Path) -> None:
+    done = dist_bench(
+        tmp_path, "kd", "student.model=org/model", env=online(f"http://127.0.0.1:{free_port()}")
+    )
+    assert_rejected(done, tmp_path, "student.model:", "'org/model'", "the Hub is unreachable")
+
+
+# ---- under `mlflow run` -------------------------------------------------------------------------------
+
+
+def test_under_mlflow_run_the_one_line_comes_last_before_mlflows_framing(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "kd", "--env-manager", "local",
+         "-P", f"overrides=student.model={tmp_path / 'no-such-student'} output.run_dir={tmp_path / 'runs'}"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    ours = [i for i, line in enumerate(lines) if line.startswith("dist-bench: error: ")]
+    assert len(ours) == 1 and "student.model:" in lines[ours[0]], done.stderr[-3000:]
+    after = lines[ours[0] + 1 :]  # MLflow's own framing only
+    assert len(after) == 1 and "mlflow.cli: === Run (ID" in after[0] and after[0].endswith("failed ==="), (
+        after
+    )
+    runs = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()]
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]  # the run `mlflow run` made; no stage was started
+    assert not (tmp_path / "runs").exists()

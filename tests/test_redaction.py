@@ -18,7 +18,10 @@ PASSWORD = "secret"
 
 def test_uri_passwords_are_masked_and_users_kept() -> None:
     text = "API request to http://alice:hunter2@mlflow.internal:5000/api/2.0 failed; see https://b:x%40y@h/"
-    assert redact(text) == "API request to http://alice:***@mlflow.internal:5000/api/2.0 failed; see https://b:***@h/"
+    assert (
+        redact(text)
+        == "API request to http://alice:***@mlflow.internal:5000/api/2.0 failed; see https://b:***@h/"
+    )
     assert redact("sqlite:///mlflow.db and http://host:5000 stay as they are") == (
         "sqlite:///mlflow.db and http://host:5000 stay as they are"
     )
@@ -54,7 +57,12 @@ def test_pipeline_and_report_through_a_server_reached_with_credentials(server: s
 
     def dist_bench(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dist_bench", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "dist_bench", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
 
     kd = dist_bench("kd", *SMALL, f"output.run_dir={work / 'runs'}")
@@ -63,12 +71,16 @@ def test_pipeline_and_report_through_a_server_reached_with_credentials(server: s
     assert report.returncode == 0, report.stderr[-3000:]
     missing = dist_bench("report", "--experiment", "no-such-experiment")  # an error line naming the store
     assert missing.returncode == 2 and "http://user:***@127.0.0.1" in missing.stderr, missing.stderr
-    failing = dist_bench("kd", *SMALL, f"output.run_dir={work / 'runs'}", "student.model=runs:/0123abcd/final_model")
+    failing = dist_bench(
+        "kd", *SMALL, f"output.run_dir={work / 'runs'}", "student.model=runs:/0123abcd/final_model"
+    )
     assert failing.returncode == 2, failing.stderr
 
     printed = "\n".join(p.stdout + p.stderr for p in (kd, report, missing, failing))
     assert "tiny-kd" in printed and PASSWORD not in printed
-    assert "tiny-kd" in store_text(tmp_path / "server.db") and PASSWORD not in store_text(tmp_path / "server.db")
+    assert "tiny-kd" in store_text(tmp_path / "server.db") and PASSWORD not in store_text(
+        tmp_path / "server.db"
+    )
     artifacts = files_text(tmp_path / "server-artifacts")
     assert "environment.json" in str(list((tmp_path / "server-artifacts").rglob("environment.json")))
     assert PASSWORD not in artifacts
