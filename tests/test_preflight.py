@@ -126,6 +126,18 @@ def test_task_whose_data_file_is_missing(tmp_path: Path) -> None:
     assert_rejected(done, tmp_path, "eval.tasks:", "tiny_arith", "gone.jsonl", "not found")
 
 
+def test_task_on_a_hub_dataset_that_is_not_cached_while_offline(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    lines = ARITH_TASK.read_text().replace("task: tiny_arith", "task: gsm8k_like").splitlines()
+    at = lines.index("dataset_kwargs:")
+    del lines[at : at + 4]  # dataset_kwargs: data_files: train: test: -> the dataset comes from the Hub
+    lines[lines.index("dataset_path: json")] = "dataset_path: openai/gsm8k\ndataset_name: main"
+    (tasks / "gsm8k_like.yaml").write_text("\n".join(lines) + "\n")
+    done = dist_bench(tmp_path, "kd", f"eval.task_dir={tasks}", "eval.tasks=[gsm8k_like]")
+    assert_rejected(done, tmp_path, "eval.tasks:", "'gsm8k_like'", "'openai/gsm8k'", "not in the local cache")
+
+
 def test_unknown_tinyworld_asset(tmp_path: Path) -> None:
     done = dist_bench(tmp_path, "kd", "teacher.model=tinyworld:teacher-xl")
     assert_rejected(done, tmp_path, "teacher.model:", "tinyworld:teacher-xl")
@@ -253,6 +265,12 @@ def test_report_against_a_server_that_is_not_listening(tmp_path: Path) -> None:
     done = dist_bench(tmp_path, "report", "--output-dir", "table", env={"MLFLOW_TRACKING_URI": url})
     assert_rejected(done, tmp_path, "MLFLOW_TRACKING_URI:", url)
     assert not (tmp_path / "table").exists()
+
+
+def test_prerun_output_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "report.txt").write_text("")
+    done = dist_bench(tmp_path, "prerun", "--quick", "--output-dir", str(tmp_path / "report.txt"))
+    assert_rejected(done, tmp_path, "--output-dir:", "report.txt", "is a file")
 
 
 def test_unbalanced_quote_in_mlproject_overrides(tmp_path: Path) -> None:
