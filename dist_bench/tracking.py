@@ -11,10 +11,9 @@ disk with the recorded content hashes; upstream outputs enter the params as thei
 teacher cache invalidates everything downstream. Stage working files live in
 `<output.run_dir>/<stage>/<stage key>/`; a stage killed half-way resumes from them on the next call.
 
-Runs are created with their tags in one call, and every pipeline and stage run names a lock file that its
-process holds while it lives (`dist_bench.liveness_lock`). A process that dies without ending its runs
-(SIGKILL, the OOM killer, a lost node) loses the lock with its life, so the next pipeline marks those runs
-KILLED instead of leaving them RUNNING for ever (close_dead_runs).
+Runs are created with their tags in one call, and every pipeline and stage run names the lock file its
+process holds while it lives (liveness.py): the next pipeline marks the runs of a process that died without
+ending them (SIGKILL, the OOM killer, a lost node) KILLED instead of leaving them RUNNING for ever.
 """
 
 from __future__ import annotations
@@ -24,11 +23,9 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,7 +38,7 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment, models
+from dist_bench import environment, liveness, models
 from dist_bench.config import RunConfig, config_hash
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
@@ -54,8 +51,6 @@ STAGE = "dist_bench.stage"
 STAGE_KEY = "dist_bench.stage_key"
 ENERGY_PROGRESS = "energy_progress.json"  # energy of earlier, interrupted attempts of a stage
 DONE = "DONE.json"  # written last: the stage's outputs are complete
-LIVENESS = "dist_bench.liveness_lock"  # tag: the lock file the run's process holds while it lives
-HOST, PID = "dist_bench.host", "dist_bench.pid"
 
 
 @dataclass
@@ -115,7 +110,7 @@ class ParentRun:
     idle_power_w: float | None = None  # per GPU, for the stages' net energy
     idle_source: str = "none"  # config | measured | prerun | none
     timeline: list[StageSeries] = field(default_factory=list)
-    liveness_lock: Path | None = None  # held by this process while the pipeline runs (see close_dead_runs)
+    liveness_lock: Path | None = None  # held by this process while the pipeline runs (see liveness.py)
 
 
 def experiment_id(name: str) -> str:
@@ -172,16 +167,16 @@ def pipeline_run(
 ) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
     open_store()
-    close_dead_runs()
+    liveness.close_dead_runs()
     commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
-    with _liveness_lock(cfg.output.run_dir) as lock:
+    with liveness.hold_lock(cfg.output.run_dir) as lock:
         run_tags = {
             ROLE: "pipeline",
             "dist_bench.pipeline": pipeline,
             "dist_bench.config_hash": cfg.hash(),
             "dist_bench.git_commit": commit or "none",
             "dist_bench.git_dirty": str(dirty).lower(),
-            **_liveness_tags(lock),
+            **liveness.tags(lock),
             **(tags or {}),
         }
         if os.environ.get(
@@ -212,76 +207,6 @@ def pipeline_run(
             mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")
-
-
-def close_dead_runs() -> list[str]:
-    """Mark KILLED every RUNNING run whose process is gone; return their ids.
-
-    A run's process holds its liveness lock (flock) until it ends the run; the kernel releases the lock when
-    the process dies, however it dies. A lock that can be taken therefore belongs to a dead process. Where
-    the lock file is not visible from here (another host's local disk) the run is left alone unless it was
-    started on this host by a process that no longer exists.
-    """
-    client = MlflowClient()
-    runs = client.search_runs(
-        experiment_ids=_all_experiment_ids(),
-        filter_string=f"attributes.status = 'RUNNING' and tags.`{LIVENESS}` LIKE '%'",
-    )
-    closed = []
-    for run in runs:
-        # Status read again after the lock was taken: the owner may have ended the run in between.
-        if _owner_is_dead(run.data.tags) and client.get_run(run.info.run_id).info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
-            closed.append(run.info.run_id)
-    return closed
-
-
-@contextmanager
-def _liveness_lock(run_dir: str) -> Iterator[Path]:
-    """A lock file held for as long as this block runs (the pipeline's lifetime)."""
-    folder = Path(run_dir).resolve() / ".alive"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.lock"
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)  # before the unlock: a sweeper never takes a live run's lock
-
-
-def _liveness_tags(lock: Path) -> dict[str, str]:
-    return {LIVENESS: str(lock), HOST: socket.gethostname(), PID: str(os.getpid())}
-
-
-def _owner_is_dead(tags: dict[str, str]) -> bool:
-    lock = Path(tags[LIVENESS])
-    try:
-        handle = lock.open("r")
-    except (
-        FileNotFoundError
-    ):  # ended cleanly (then it is not RUNNING), a wiped run dir, or another host's disk
-        return tags.get(HOST) == socket.gethostname() and not _pid_alive(int(tags.get(PID, "0") or 0))
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        lock.unlink(missing_ok=True)
-        return True
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def execute_stage(
@@ -341,7 +266,7 @@ def _run(
         "dist_bench.stage_dir": str(stage_dir),
         "dist_bench.resumed": str(prior is not None).lower(),
         **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
-        **(_liveness_tags(parent.liveness_lock) if parent.liveness_lock else {}),
+        **(liveness.tags(parent.liveness_lock) if parent.liveness_lock else {}),
         **tags,
     }
     # Created with its tags in one call: a kill in the next instant still leaves a run the next attempt finds.
@@ -433,8 +358,7 @@ def _interrupted_attempts(key: str) -> list[str]:
     earlier = []
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "dist_bench.interrupted", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            liveness.mark_killed(client, run.info.run_id)
         if "dist_bench.resumed_by" not in run.data.tags:
             earlier.append(run.info.run_id)
     return earlier

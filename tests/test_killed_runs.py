@@ -15,7 +15,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from conftest import SMALL, small_config
-from dist_bench import pipeline, tracking
+from dist_bench import liveness, pipeline, tracking
 
 # The real CLI in a process that SIGKILLs itself right after MLflow created the first stage run: the moment
 # at which a run used to exist without its tags.
@@ -87,7 +87,7 @@ def test_sigkill_mid_pipeline_then_rerun(workdir: Path) -> None:
 
     # While it lives, another pipeline's sweep leaves its runs alone.
     tracking.open_store()
-    assert tracking.close_dead_runs() == []
+    assert liveness.close_dead_runs() == []
     assert sorted(r.info.status for r in all_runs()) == ["FINISHED", "RUNNING", "RUNNING"]
 
     process.send_signal(signal.SIGKILL)
@@ -126,12 +126,12 @@ def test_a_lock_file_out_of_sight_is_judged_by_host_and_pid(workdir: Path) -> No
     ids = {}
     for name, (host, pid) in cases.items():
         tags = {
-            tracking.LIVENESS: str(workdir / "gone" / f"{name}.lock"),
-            tracking.HOST: host,
-            tracking.PID: pid,
+            liveness.LIVENESS: str(workdir / "gone" / f"{name}.lock"),
+            liveness.HOST: host,
+            liveness.PID: pid,
         }
         ids[name] = client.create_run(experiment, tags=tags, run_name=name).info.run_id
-    assert tracking.close_dead_runs() == [ids["this-host-dead"]]
+    assert liveness.close_dead_runs() == [ids["this-host-dead"]]
     assert {name: client.get_run(i).info.status for name, i in ids.items()} == {
         "other-host": "RUNNING",
         "this-host-dead": "KILLED",
