@@ -64,6 +64,21 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
     _print_stages(run)
 
 
+@app.command("sft")
+def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """SFT student training on the data -> evaluation (the same trainer, precision and token budget as kd)."""
+    cfg = _load(config, overrides)
+    checks = _preflight(cfg, "sft")
+    from dist_bench import pipeline
+    from dist_bench.prerun import PrerunFailed
+
+    try:
+        run = _guarded(lambda: pipeline.sft(cfg, checks), passthrough=(PrerunFailed,))
+    except PrerunFailed as err:
+        _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
+    _print_stages(run)
+
+
 @app.command("cache_logits")
 def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
@@ -140,7 +155,8 @@ def prerun_(
 @app.command("validate")
 def validate(
     pipeline: Annotated[
-        Literal["kd", "cache_logits", "eval", "prerun", "report"], typer.Argument(help="what would be run")
+        Literal["kd", "sft", "cache_logits", "eval", "prerun", "report"],
+        typer.Argument(help="what would be run"),
     ],
     config: ConfigOption = None,
     model: Annotated[str | None, typer.Option(help="the model to evaluate (eval only)")] = None,
@@ -169,6 +185,37 @@ def report(
 
     table = _guarded(lambda: report_module.run(experiment or [], output_dir))
     typer.echo(table)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Training data: public datasets -> project JSON-lines")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    recipe: Annotated[str, typer.Option(help="tulu3 | openr1_math | codeforces")],
+    source: Annotated[str, typer.Option(help="data file or folder, save_to_disk folder, or Hub id org/name")],
+    out: Annotated[Path, typer.Option(help="output folder: <split>.jsonl and manifest.json")],
+    split: Annotated[str, typer.Option(help="split of a Hub dataset, DatasetDict or split folder")] = "train",
+    subset: Annotated[str | None, typer.Option(help="Hub dataset config, e.g. default")] = None,
+    limit: Annotated[int | None, typer.Option(help="read only the first N source rows")] = None,
+) -> None:
+    """Convert a public dataset, in its real schema, into <out>/<split>.jsonl plus manifest.json."""
+    from dist_bench.data.recipes import prepare
+    from dist_bench.dataset import DataError
+
+    try:
+        manifest = _guarded(
+            lambda: prepare(recipe, source, out, split=split, subset=subset, limit=limit),
+            passthrough=(DataError,),
+        )
+    except DataError as err:  # already one line naming the source (and file:line, row, field)
+        _fail(str(err))
+    dropped = ", ".join(f"{why} {n}" for why, n in manifest["rows_dropped"].items() if n) or "none"
+    typer.echo(
+        f"{recipe}: {manifest['rows_written']} of {manifest['rows_read']} rows written to "
+        f"{out / manifest['output']} (dropped: {dropped})"
+    )
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:

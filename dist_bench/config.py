@@ -82,8 +82,21 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(None, ge=1, description="optional hard cap on optimizer steps")
     batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16_pure"] = Field(
+        "fp32",
+        description="fp32; bf16 = bf16 autocast over fp32 master weights (CUDA only); bf16_pure = bf16 weights",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~20% slower"
+    )
+    packing: bool = Field(
+        False,
+        description="padding-free batches (one flattened row per micro-batch); needs flash attention on GPU",
+    )
+    attn_implementation: str = Field(
+        "sdpa", description="attention kernels: sdpa, eager, flash_attention_2 (where installed), ..."
+    )
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
@@ -91,9 +104,22 @@ class TrainConfig(Strict):
 
 
 class KDConfig(Strict):
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="both distributions are softened by T before the divergence"
+    )
     ce_weight: float = Field(
-        0.5, ge=0, le=1, description="loss = ce_weight * CE + (1 - ce_weight) * T^2 * KL(teacher || student)"
+        0.5, ge=0, le=1, description="loss = ce_weight * CE + (1 - ce_weight) * T^2 * D(teacher || student)"
+    )
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="the divergence D between the cached teacher top-k and the student"
+    )
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="mixture weight of the generalised JSD (loss=jsd)")
+    tail: Literal["renormalize", "bucket"] = Field(
+        "renormalize",
+        description="renormalize: the teacher's top-k renormalised; bucket: one extra bucket holds the rest",
+    )
+    chunk_size: int = Field(
+        1024, ge=1, description="supervised positions per LM-head chunk: logits exist for one chunk at a time"
     )
 
 
@@ -178,7 +204,9 @@ class OutputConfig(Strict):
 
 class RunConfig(Strict):
     name: str = Field(description="short name of the experiment; the parent run's name")
-    pipeline: Literal["kd"] = "kd"
+    pipeline: Literal["kd", "sft"] = Field(
+        "kd", description="kd: from cached teacher logits; sft: on the data"
+    )
     seed: int = 42
     teacher: ModelSpec
     student: ModelSpec
@@ -202,7 +230,7 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _cuda_precision(self) -> RunConfig:
         if self.train.precision == "bf16" and self.train.device == "cpu":
-            raise ValueError("train.precision=bf16 needs train.device cuda or auto")
+            raise ValueError("train.precision=bf16 (autocast) needs train.device cuda or auto")
         return self
 
     def flat(self) -> dict[str, str]:

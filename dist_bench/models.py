@@ -60,12 +60,14 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model(spec),
         revision=revision,
         dtype=pick_dtype(dtype, device),
         trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
     )
     return model.to(device)
 

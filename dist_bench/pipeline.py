@@ -1,6 +1,7 @@
 """Pipelines: each entry point is a parent MLflow run whose stages are nested child runs.
 
     kd            prerun? -> logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
+    sft           prerun? -> student_train -> eval                       (dist-bench sft / mlflow run . -e sft)
     prerun        prerun: idle baseline, burn-in, sampling check, hardware (dist-bench prerun)
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
@@ -17,7 +18,7 @@ from pathlib import Path
 from dist_bench import preflight, prerun
 from dist_bench.config import RunConfig
 from dist_bench.evaluation import stage as eval_stage
-from dist_bench.student import kd as kd_stage
+from dist_bench.student import stage as student_stage
 from dist_bench.teacher import logit_cache
 from dist_bench.tracking import ParentRun, pipeline_run
 
@@ -37,7 +38,22 @@ def kd(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun
         if cfg.prerun.enabled:  # first: a failed required check stops it before any teacher work
             prerun.run_stage(parent)
         cache = logit_cache.run(parent)
-        student = kd_stage.run(parent, cache)
+        student = student_stage.run(parent, cache)
+        eval_stage.run(
+            parent,
+            model=str(student.outputs["final_model"]),
+            fingerprint=student.fingerprints["final_model"],
+        )
+    return parent
+
+
+def sft(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+    """The student trained on the data itself (teacher-written data comes with teacher_generation)."""
+    checks = preflight.sft(cfg) if checks is None else checks
+    with pipeline_run(cfg, "sft", cfg.name, _identity_tags(cfg), checks) as parent:
+        if cfg.prerun.enabled:
+            prerun.run_stage(parent)
+        student = student_stage.run(parent)
         eval_stage.run(
             parent,
             model=str(student.outputs["final_model"]),

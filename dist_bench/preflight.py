@@ -25,7 +25,7 @@ from dist_bench import tinyworld
 from dist_bench.config import EvalConfig, ModelSpec, RunConfig
 from dist_bench.redact import redact
 
-PIPELINES = ("kd", "cache_logits", "eval", "prerun", "report")
+PIPELINES = ("kd", "sft", "cache_logits", "eval", "prerun", "report")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # tracking.py uses the same (it imports mlflow; this must not)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -52,6 +52,8 @@ def run(
     """Every check of `pipeline`; the first failure raises PreflightError."""
     if pipeline == "kd":
         return kd(cfg)
+    if pipeline == "sft":
+        return sft(cfg)
     if pipeline == "cache_logits":
         return cache_logits(cfg)
     if pipeline == "eval":
@@ -70,7 +72,11 @@ def run(
 
 def kd(cfg: RunConfig) -> list[Check]:
     """logit_caching -> student_train -> eval: both models, their shared vocabulary, data, tasks, disk."""
-    checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
+    checks = [
+        pipeline_matches(cfg, "kd"),
+        tracking_store(),
+        writable_dir("output.run_dir", cfg.output.run_dir),
+    ]
     teacher_source = model_source("teacher.model", cfg.teacher)
     student_source = model_source("student.model", cfg.student)
     checks += [teacher_source.check, student_source.check]
@@ -81,6 +87,30 @@ def kd(cfg: RunConfig) -> list[Check]:
     checks += [top_k(cfg, teacher), same_vocabulary(teacher, student)]
     checks += [eval_tasks(cfg.eval, student), cache_disk(cfg, teacher, data)]
     return checks
+
+
+def sft(cfg: RunConfig) -> list[Check]:
+    """student_train -> eval: the student (any tokenizer), data, devices, tasks."""
+    checks = [
+        pipeline_matches(cfg, "sft"),
+        tracking_store(),
+        writable_dir("output.run_dir", cfg.output.run_dir),
+    ]
+    student_source = model_source("student.model", cfg.student)
+    data = data_records(cfg)
+    checks += [student_source.check, data.check]
+    checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
+    student = model_facts(student_source, cfg.student)
+    return [*checks, eval_tasks(cfg.eval, student)]
+
+
+def pipeline_matches(cfg: RunConfig, pipeline: str) -> Check:
+    if cfg.pipeline != pipeline:
+        raise PreflightError(
+            f"pipeline: the config is for '{cfg.pipeline}' but this is the {pipeline} entry point "
+            f"(run dist-bench {cfg.pipeline}, or set pipeline={pipeline})"
+        )
+    return Check("pipeline", pipeline)
 
 
 def cache_logits(cfg: RunConfig) -> list[Check]:

@@ -79,7 +79,7 @@ def test_sigkill_mid_pipeline_then_rerun(workdir: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "dist_bench", "kd", *overrides(workdir)], cwd=workdir)
     checkpoints = workdir / "runs" / "student_train"
     deadline = time.time() + 240
-    while not list(checkpoints.glob("*/checkpoints/step-*")):
+    while not list(checkpoints.glob("*/checkpoints/checkpoint-*")):
         assert process.poll() is None and time.time() < deadline, (
             "the pipeline ended before it could be killed"
         )

@@ -119,7 +119,11 @@ def test_final_student_and_checkpoint_are_artifacts_loadable_by_transformers(wor
     tokenizer = AutoTokenizer.from_pretrained(local)
     assert model.config.num_hidden_layers == 2 and len(tokenizer) == model.config.vocab_size
     checkpoints = [a.path for a in client().list_artifacts(train_run, "checkpoints")]
-    assert checkpoints and all(p.startswith("checkpoints/step-") for p in checkpoints)
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("checkpoints/checkpoint-")  # the last one
+    # An HF Trainer checkpoint: weights, config and tokenizer load as they are.
+    local = mlflow.artifacts.download_artifacts(f"runs:/{train_run}/{checkpoints[0]}")
+    assert AutoModelForCausalLM.from_pretrained(local).config.num_hidden_layers == 2
+    assert len(AutoTokenizer.from_pretrained(local)) == model.config.vocab_size
 
 
 def test_eval_of_the_logged_student_reproduces_the_pipelines_scores(world: dict) -> None:

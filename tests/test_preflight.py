@@ -364,8 +364,8 @@ def test_validate_lists_its_checks_and_writes_nothing(tmp_path: Path) -> None:
     done = dist_bench(tmp_path, "validate", "kd", "--config", str(config))
     assert done.returncode == 0, done.stderr
     listed = [line for line in done.stdout.splitlines() if line.startswith("ok  ")]
-    names = ["tracking store", "output.run_dir", "teacher.model", "student.model", "data.train", "train.device",
-             "eval.device", "logits.top_k", "vocabulary", "eval.tasks", "disk"]  # fmt: skip
+    names = ["pipeline", "tracking store", "output.run_dir", "teacher.model", "student.model", "data.train",
+             "train.device", "eval.device", "logits.top_k", "vocabulary", "eval.tasks", "disk"]  # fmt: skip
     assert [line[4:].split("  ")[0].strip() for line in listed] == names
     assert done.stdout.strip().endswith(f"kd: all {len(names)} pre-flight checks passed")
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()

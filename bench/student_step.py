@@ -1,0 +1,251 @@
+"""The student's training step at real shape: the project's SFT and KD steps beside the outside baselines.
+
+    python bench/student_step.py --out $OUT                 (on the GPU machine; results: docs/benchmarks.md)
+    python bench/student_step.py --out /tmp/s --smoke       (a tiny shape on CPU: checks the code paths)
+
+Qwen2-0.5B shape (vocabulary 151,936, tied embeddings, random init), batch 8 x 1024, every position
+supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one micro-batch per step:
+- plain          a plain PyTorch step: model(input_ids, labels) with full logits
+- plain_chunked  the same step with TRL's chunked LM-head loss (trl add_fused_lm_head)
+- project_sft    dist-bench's student trainer, SFT (student/trainer.py: StudentTrainer)
+- project_kd     dist-bench's student trainer, KD from a top-64 cache (KDTrainer, losses.kd_loss)
+For each: tokens/s and s/step over the timed steps (after warm-up, device synchronised at both ends), MFU
+(6 x parameters x tokens/s over the GPU's dense bf16 peak), mJ per token from the NVML energy counter, and
+peak allocated memory. The issue's goals: project_sft >= 0.95 x plain_chunked; project_kd >= 0.97 x
+project_sft in tokens/s with peak memory <= 1.05 x project_sft's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+import trl
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from trl.trainer.utils import add_fused_lm_head
+
+from dist_bench import tinyworld
+from dist_bench.config import load_config
+from dist_bench.dataset import Example
+from dist_bench.student.trainer import build_trainer, plan_steps
+from dist_bench.teacher.logit_cache import TopKCache
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
+QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                 tie_word_embeddings=True)  # fmt: skip
+SMOKE = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+
+
+class Meter:
+    """Time and NVML energy between two marks, the device synchronised at each."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.nvml = None
+        if device.type == "cuda":
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self.marks: list[tuple[float, float | None]] = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        energy = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000 if self.nvml else None
+        self.marks.append((time.perf_counter(), energy))
+
+    def result(
+        self, steps: int, tokens_per_step: int, n_params: int, peak_flops: float | None
+    ) -> dict[str, Any]:
+        (t0, e0), (t1, e1) = self.marks[0], self.marks[-1]
+        tok_per_s = steps * tokens_per_step / (t1 - t0)
+        out = {"tok_per_s": tok_per_s, "s_per_step": (t1 - t0) / steps, "timed_steps": steps}
+        if peak_flops:
+            out["mfu"] = 6 * n_params * tok_per_s / peak_flops
+        if e0 is not None and e1 is not None:
+            out["mJ_per_tok"] = 1000 * (e1 - e0) / (steps * tokens_per_step)
+            out["avg_W"] = (e1 - e0) / (t1 - t0)
+        if self.device.type == "cuda":
+            out["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        return out
+
+
+def fresh_model(shape: dict[str, int], device: torch.device) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(**shape, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+
+
+def plain_variant(
+    shape: dict[str, int], batch: int, seq: int, device: torch.device, warmup: int, steps: int, chunked: bool
+) -> tuple[Meter, int]:
+    model = fresh_model(shape, device)
+    if chunked:
+        add_fused_lm_head(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(1)
+    meter = Meter(device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            meter.mark()
+        ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=generator).to(
+            device, non_blocking=True
+        )
+        if chunked:
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    meter.mark()
+    return meter, sum(p.numel() for p in model.parameters())
+
+
+class MarkSteps(TrainerCallback):
+    def __init__(self, meter: Meter, warmup: int, last: int) -> None:
+        self.meter, self.warmup, self.last = meter, warmup, last
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step in (self.warmup, self.last):
+            self.meter.mark()
+
+
+def project_variant(
+    shape: dict[str, int],
+    batch: int,
+    seq: int,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    kd: bool,
+    top_k: int,
+) -> tuple[Meter, int]:
+    model = fresh_model(shape, device)
+    n_steps = warmup + steps
+    cfg = load_config(
+        None,
+        [
+            f"train.batch_size={batch}", "train.grad_accum=1", "train.precision=bf16_pure",
+            f"train.device={device.type}", f"train.max_steps={n_steps}", "train.token_budget=1000000000",
+            "train.checkpoint_every=1000000", "train.log_every=1000000", "train.optimizer.lr=1e-4",
+            "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant", "data.supervise=all",
+            f"data.max_length={seq}",
+        ],
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    examples = [
+        Example(torch.randint(0, shape["vocab_size"], (seq,), generator=generator).tolist(), 1)
+        for _ in range(batch * n_steps)
+    ]
+    plan = plan_steps(examples, cfg)
+    cache = random_cache(len(examples), seq - 1, top_k, shape["vocab_size"]) if kd else None
+    tokenizer = AutoTokenizer.from_pretrained(tinyworld.resolve("tinyworld:student-init"))
+    meter = Meter(device)
+    with tempfile.TemporaryDirectory() as out:
+        trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, Path(out), None, cache)
+        trainer.add_callback(MarkSteps(meter, warmup, n_steps))
+        trainer.args.save_strategy = "no"  # a 0.5 B checkpoint is not part of a step
+        trainer.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    del trainer
+    return meter, n_params
+
+
+def random_cache(sequences: int, positions: int, k: int, vocab: int) -> TopKCache:
+    """A top-k cache shaped like a real one: distinct ids per row, log-probs summing to less than 1."""
+    rows = sequences * positions
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randint(0, vocab, (rows, 1), generator=generator)
+    ids = ((base + torch.arange(k) * 7919) % vocab).to(torch.int32)
+    logprobs = torch.log_softmax(torch.randn(rows, k, generator=generator) * 3, -1) - 0.2
+    counts = torch.full((sequences,), positions, dtype=torch.int64)
+    return TopKCache({}, ids, logprobs.float(), torch.arange(sequences) * positions, counts)
+
+
+def run_variant(
+    name: str, make: Callable[[], tuple[Meter, int]], steps: int, tokens: int, peak: float | None
+) -> dict:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    meter, n_params = make()
+    result = meter.result(steps, tokens, n_params, peak)
+    print(
+        name,
+        json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}),
+        flush=True,
+    )
+    return {**result, "n_params": n_params}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on whatever device there is")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--variants", default="plain,plain_chunked,project_sft,project_kd")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape, batch, seq = (SMOKE, 2, 64) if args.smoke else (QWEN2_05B, 8, 1024)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
+    w, s, k = args.warmup, args.steps, args.top_k
+    makers = {
+        "plain": lambda: plain_variant(shape, batch, seq, device, w, s, chunked=False),
+        "plain_chunked": lambda: plain_variant(shape, batch, seq, device, w, s, chunked=True),
+        "project_sft": lambda: project_variant(shape, batch, seq, device, w, s, kd=False, top_k=k),
+        "project_kd": lambda: project_variant(shape, batch, seq, device, w, s, kd=True, top_k=k),
+    }
+    results = {
+        name: run_variant(name, makers[name], s, batch * seq, peak) for name in args.variants.split(",")
+    }
+    ratios = {}
+    if {"project_sft", "plain_chunked"} <= results.keys():
+        ratios["project_sft_vs_plain_chunked"] = (
+            results["project_sft"]["tok_per_s"] / results["plain_chunked"]["tok_per_s"]
+        )
+    if {"project_kd", "project_sft"} <= results.keys():
+        ratios["project_kd_vs_project_sft"] = (
+            results["project_kd"]["tok_per_s"] / results["project_sft"]["tok_per_s"]
+        )
+        if "peak_mem_GB" in results["project_sft"]:
+            ratios["project_kd_peak_mem_vs_project_sft"] = (
+                results["project_kd"]["peak_mem_GB"] / results["project_sft"]["peak_mem_GB"]
+            )
+    report = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "shape": shape, "batch": batch, "seq": seq,
+            "warmup_steps": w, "timed_steps": s, "top_k": k, "peak_flops": peak, "dtype": "bfloat16",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "trl": trl.__version__},
+        },
+        "variants": results,
+        "ratios": ratios,
+        "goals": {"project_sft_vs_plain_chunked": ">= 0.95", "project_kd_vs_project_sft": ">= 0.97",
+                  "project_kd_peak_mem_vs_project_sft": "<= 1.05"},
+    }  # fmt: skip
+    (args.out / "student_step.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()

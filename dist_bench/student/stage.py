@@ -1,0 +1,132 @@
+"""Stage `student_train`: the student learns from the data (SFT) or from the teacher's cached top-k (KD), through
+TRL (student/trainer.py), inside the stage's energy window.
+
+    dist-bench kd --config configs/experiments/tiny_kd.yaml      # after logit_caching: KD
+    dist-bench sft --config configs/experiments/tiny_sft.yaml    # SFT on the same data and token budget
+
+    KD loss = ce_weight * CE + (1 - ce_weight) * T^2 * D(teacher top-k || student)     (student/losses.py)
+
+Training stops when `train.token_budget` non-padding input tokens have been planned (or `train.max_steps`);
+the plan is the same for every method. Weights train in fp32 (`train.precision` fp32, or bf16 autocast over
+fp32 master weights) or in bf16 (`bf16_pure`). Checkpoints are HF Trainer checkpoints (weights, tokenizer,
+optimizer, scheduler, RNG states): a killed stage resumes from the newest complete one and, on CPU, ends
+bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dist_bench import models
+from dist_bench.config import RunConfig, flatten
+from dist_bench.dataset import DataError, data_fingerprint, load_examples
+from dist_bench.student.trainer import build_trainer, last_complete_checkpoint, plan_counts, plan_steps
+from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
+
+STAGE = "student_train"
+TOKEN_COUNTING = (
+    "tokens = non-padding input tokens through the forward pass (summed over steps); padded_tokens adds "
+    "padding; supervised_tokens = positions with a loss"
+)
+
+
+class VocabMismatch(DataError):
+    """Teacher and student cannot be distilled by logits: different vocabularies."""
+
+
+def run(parent: ParentRun, cache: StageResult | None = None) -> StageResult:
+    """KD when `cache` (the logit_caching stage's result) is given, SFT otherwise."""
+    cfg = parent.cfg
+    method = "sft" if cache is None else "kd"
+    params = {
+        "method": method,
+        **flatten(cfg.student.model_dump(), "student."),
+        **flatten(cfg.data.model_dump(), "data."),
+        **flatten(cfg.train.model_dump(), "train."),
+        **(flatten(cfg.kd.model_dump(), "kd.") if cache is not None else {}),
+        "seed": str(cfg.seed),
+        "student.fingerprint": models.fingerprint(cfg.student.model, cfg.student.revision),
+        "device": models.pick_device(cfg.train.device).type,
+    }
+    if cache is None:
+        params["data.fingerprint"] = data_fingerprint(cfg.data)
+    else:  # the cache's hash covers the data it was made from
+        params["upstream.logit_cache"] = cache.fingerprints["logit_cache"]
+
+    def work(ctx: StageContext) -> StageWork:
+        return train(cfg, cache.outputs["logit_cache"] if cache is not None else None, ctx)
+
+    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.student": cfg.student.model})
+
+
+def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWork:
+    device = models.pick_device(cfg.train.device)
+    tokenizer = models.load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
+    cache = TopKCache.open(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        check_compatible(cache.manifest, tokenizer, cfg)
+    examples = load_examples(cfg.data, tokenizer)
+    if cache is not None and len(examples) != cache.manifest["sequences"]:
+        raise DataError(
+            f"data.train has {len(examples)} records but the logit cache {cache.manifest['sequences']}"
+        )
+
+    student = models.load_model(
+        cfg.student.model,
+        device,
+        "bfloat16" if cfg.train.precision == "bf16_pure" else "float32",  # fp32 master weights otherwise
+        cfg.student.revision,
+        cfg.student.trust_remote_code,
+        attn_implementation=cfg.train.attn_implementation,
+    )
+    if cache is not None and student.config.vocab_size != cache.manifest["vocab_size"]:
+        raise VocabMismatch(
+            f"student vocab_size {student.config.vocab_size} != teacher vocab_size {cache.manifest['vocab_size']}"
+        )
+    plan = plan_steps(examples, cfg)
+    checkpoints = ctx.stage_dir / "checkpoints"
+    trainer, callback = build_trainer(cfg, student, tokenizer, examples, plan, checkpoints, ctx, cache)
+    trainer.train(
+        resume_from_checkpoint=str(last) if (last := last_complete_checkpoint(checkpoints)) else None
+    )
+
+    final_dir = ctx.stage_dir / "final_model"
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    trainer.save_model(str(final_dir))  # weights, config and the tokenizer: loadable with from_pretrained
+    counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)
+    newest = last_complete_checkpoint(checkpoints)
+    artifacts = {}
+    if cfg.tracking.log_checkpoints == "last" and newest is not None:
+        artifacts[f"checkpoints/{newest.name}"] = newest
+    elif cfg.tracking.log_checkpoints == "all":
+        artifacts["checkpoints"] = checkpoints
+    return StageWork(
+        tokens=counts.tokens,
+        outputs={"final_model": final_dir},
+        fingerprints={"final_model": models.fingerprint(str(final_dir))},
+        metrics={
+            "steps": trainer.state.global_step,
+            "padded_tokens": counts.padded_tokens,
+            "supervised_tokens": counts.supervised_tokens,
+            **{f"final_{k.replace('/', '_')}": v for k, v in callback.last.items()},
+        },
+        details={
+            "steps": trainer.state.global_step,
+            "method": "kd" if cache else "sft",
+            "token_counting": TOKEN_COUNTING,
+        },
+        artifacts=artifacts,
+    )
+
+
+def check_compatible(manifest: dict, student_tokenizer: object, cfg: RunConfig) -> None:
+    """The cache's tokenizer is the student's (pre-flight checks this before any stage; a reused or copied
+    cache is checked again here)."""
+    if models.tokenizer_fingerprint(student_tokenizer) != manifest["tokenizer"]:
+        raise VocabMismatch(
+            f"student tokenizer ({cfg.student.model}) differs from the teacher's ({cfg.teacher.model}): "
+            "logit distillation needs one vocabulary; use sft for cross-tokenizer pairs"
+        )

@@ -1,0 +1,386 @@
+"""The student trainer of every pipeline: TRL's `SFTTrainer`, and a subclass of it for KD from a top-k cache.
+
+    trainer = build_trainer(cfg, model, tokenizer, examples, plan, output_dir, cache=None)   # SFT
+    trainer = build_trainer(cfg, model, tokenizer, examples, plan, output_dir, cache=cache)  # KD
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir))
+
+One trainer family, so the table compares methods and not training loops: KD and SFT students share the
+optimizer (fused AdamW on CUDA), precision, attention kernels, scheduler, batch plan, token budget and
+checkpointing; only the loss differs.
+- SFT: TRL's own loss (its chunked LM head: no full-vocabulary logits), on completion tokens only.
+- KD: `KDTrainer.compute_loss` asks the model for `losses.kd_loss` on the supervised positions through a
+  forward patched in the way TRL patches its fused LM head (`add_kd_head`): the loss runs inside the
+  model's forward, so DDP/FSDP wrappers see an ordinary forward call. TRL's own distillation trainers are
+  on-policy (they run the teacher); none reads an offline top-k cache, hence this subclass.
+
+The batch plan (which examples form every micro-batch, fixed by the seed up to `train.token_budget`) is
+the trainer's sampler, so every method sees the same batches and a resumed run sees the rest of them.
+Metrics stay on the device between log steps (no host sync per step) and go to the stage's own MLflow run
+through `StageMetricsCallback` (HF's MLflow callback would open a run of its own).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.utils.data import Sampler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from dist_bench.config import KDConfig, RunConfig
+from dist_bench.dataset import Example
+from dist_bench.student.losses import kd_loss
+from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.tracking import StageContext
+
+IGNORE = -100  # label of a position without a loss (HF convention)
+# transformers 5.2x renames gradient_checkpointing; TRL's config still sets it (and 5.17 knows only that name)
+warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+# ---- the batch plan -----------------------------------------------------------------------------------
+
+
+def plan_steps(examples: list[Example], cfg: RunConfig) -> list[list[list[int]]]:
+    """Every optimizer step's micro-batches of dataset indices, fixed by the seed, up to the token budget.
+
+    Known in advance so the LR schedule has its true length and a resumed run sees the same batches.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    steps: list[list[list[int]]] = []
+    tokens, order = 0, []
+    while tokens < cfg.train.token_budget and (
+        cfg.train.max_steps is None or len(steps) < cfg.train.max_steps
+    ):
+        step = []
+        for _ in range(cfg.train.grad_accum):
+            if len(order) < cfg.train.batch_size:
+                order += torch.randperm(len(examples), generator=generator).tolist()
+            micro, order = order[: cfg.train.batch_size], order[cfg.train.batch_size :]
+            step.append(micro)
+            tokens += sum(len(examples[i].input_ids) for i in micro)
+        steps.append(step)
+    return steps
+
+
+class PlannedOrder(Sampler[int]):
+    """The plan's indices in order; the DataLoader cuts them into micro-batches of train.batch_size, which is
+    exactly the plan's micro-batches (each holds batch_size indices)."""
+
+    def __init__(self, plan: list[list[list[int]]]) -> None:
+        self.order = [i for step in plan for micro in step for i in micro]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@dataclass
+class PlanCounts:
+    """What the planned steps process, for the stage's token metrics (known without a host sync)."""
+
+    tokens: int  # non-padding input tokens
+    padded_tokens: int  # including padding: what the hardware computed on
+    supervised_tokens: int  # positions with a loss
+
+
+def plan_counts(
+    plan: list[list[list[int]]], examples: list[Example], steps: int, padding_free: bool
+) -> PlanCounts:
+    counts = PlanCounts(0, 0, 0)
+    for step in plan[:steps]:
+        for micro in step:
+            lengths = [len(examples[i].input_ids) for i in micro]
+            counts.tokens += sum(lengths)
+            counts.padded_tokens += sum(lengths) if padding_free else max(lengths) * len(lengths)
+            counts.supervised_tokens += sum(
+                len(examples[i].input_ids) - examples[i].first_target for i in micro
+            )
+    return counts
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+def to_dataset(examples: list[Example]) -> Dataset:
+    """Tokenized rows as TRL takes them: input_ids, labels (IGNORE before the first target), and the row's
+    dataset index, by which the KD collator finds its cached teacher rows."""
+    return Dataset.from_dict(
+        {
+            "input_ids": [e.input_ids for e in examples],
+            "labels": [[IGNORE] * e.first_target + e.input_ids[e.first_target :] for e in examples],
+            "example_index": list(range(len(examples))),
+        }
+    )
+
+
+@dataclass
+class StudentCollator:
+    """TRL's language-modeling collator, plus (for KD) the cached teacher top-k of the batch's supervised
+    positions, in the order the model sees them (row by row, position by position)."""
+
+    pad_token_id: int
+    padding_free: bool = False
+    cache: TopKCache | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        collate = DataCollatorForLanguageModeling(
+            pad_token_id=self.pad_token_id, padding_free=self.padding_free
+        )
+        batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        if self.cache is not None:
+            cached = self.cache.rows([int(r["example_index"]) for r in rows])
+            batch["teacher_ids"] = self.cache.token_ids[cached].long()
+            batch["teacher_logprobs"] = self.cache.logprobs[cached]
+            # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would
+            # stall the host until the device catches up (it must learn the count), every micro-batch.
+            batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+        return batch
+
+
+# ---- the KD loss inside the model's forward -----------------------------------------------------------
+
+
+def add_kd_head(model: PreTrainedModel, kd: KDConfig) -> None:
+    """`model(..., labels=l, teacher_ids=i, teacher_logprobs=p)` returns the KD loss (losses.kd_loss) of the
+    positions whose next-token label is not IGNORE, without full-vocabulary logits; without teacher tensors
+    the forward is the original one (generation, TRL's fused head). Like TRL's `add_fused_lm_head`."""
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(
+        self: PreTrainedModel,
+        *args: Any,
+        teacher_ids: torch.Tensor | None = None,
+        teacher_logprobs: torch.Tensor | None = None,
+        supervised_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if teacher_ids is None:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        hidden = hidden.flatten(0, 1).index_select(0, supervised_index)
+        targets = labels[:, 1:].flatten().index_select(0, supervised_index)
+        head = self.get_output_embeddings()
+        out = kd_loss(
+            hidden,
+            head.weight,
+            head.bias,
+            targets,
+            teacher_ids,
+            teacher_logprobs,
+            temperature=kd.temperature,
+            ce_weight=kd.ce_weight,
+            divergence=kd.loss,
+            jsd_beta=kd.jsd_beta,
+            tail=kd.tail,
+            chunk_size=kd.chunk_size,
+        )
+        # Mean over this micro-batch -> sum over the step's supervised tokens, as HF's num_items_in_batch asks:
+        # every supervised token of an optimizer step weighs the same, whatever micro-batch it is in.
+        scale = supervised_index.numel() / num_items_in_batch if num_items_in_batch is not None else 1.0
+        return out.loss * scale, out.ce, out.divergence
+
+    model.forward = types.MethodType(forward, model)
+
+
+# ---- the trainers -------------------------------------------------------------------------------------
+
+
+class StudentTrainer(SFTTrainer):
+    """SFTTrainer on the batch plan, with metrics kept on the device until a log step."""
+
+    def __init__(self, *args: Any, plan: list[list[list[int]]], **kwargs: Any) -> None:
+        self.plan = plan
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler[int]:
+        return PlannedOrder(self.plan)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """TRL's SFT loss through its fused LM head (no full-vocabulary logits), without the host syncs of
+        TRL's own compute_loss (it reads entropy, accuracy and token counts with .item() every micro-batch)."""
+        outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        supervised = outputs.label_mask.sum()
+        total = supervised if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(total).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:  # as TRL does, for DDP
+            loss = loss * self.accelerator.num_processes
+        self._metrics["train"]["mean_token_accuracy"].append(outputs.is_top1.sum() / supervised.clamp(min=1))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        for values in self._metrics[
+            mode
+        ].values():  # device tensors of the steps since the last log: one sync
+            values[:] = [float(v) if isinstance(v, torch.Tensor) else v for v in values]
+        super().log(logs, start_time)
+
+
+class KDTrainer(StudentTrainer):
+    """KD from an offline top-k teacher cache: CE + divergence (kd.loss, kd.tail) over supervised positions."""
+
+    def __init__(self, *args: Any, kd: KDConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.divergence_name = "jsd" if kd.loss == "jsd" else "kl"
+        add_kd_head(self.model, kd)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        loss, ce, divergence = model(**inputs, num_items_in_batch=num_items_in_batch)
+        if (
+            self.args.average_tokens_across_devices and num_items_in_batch is not None
+        ):  # DDP averages gradients
+            loss = loss * self.accelerator.num_processes
+        self._metrics["train"]["ce"].append(ce)
+        self._metrics["train"][self.divergence_name].append(divergence)
+        return loss
+
+
+# Trainer's log keys -> the stage run's step metrics
+METRIC_NAMES = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm",
+                "ce": "train/ce", "kl": "train/kl", "jsd": "train/jsd",
+                "entropy": "train/entropy", "mean_token_accuracy": "train/token_accuracy"}  # fmt: skip
+
+
+class StageMetricsCallback(TrainerCallback):
+    """`train/*` step metrics into the stage's own MLflow run; the energy so far committed with every
+    checkpoint (a resumed stage then counts the energy spent on the work it keeps)."""
+
+    def __init__(
+        self,
+        ctx: StageContext | None,
+        plan: list[list[list[int]]],
+        examples: list[Example],
+        padding_free: bool,
+    ):
+        self.ctx, self.plan, self.examples, self.padding_free = ctx, plan, examples, padding_free
+        self.last: dict[str, float] = {}
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+    ) -> None:
+        metrics = {METRIC_NAMES[k]: float(v) for k, v in (logs or {}).items() if k in METRIC_NAMES}
+        if not metrics:
+            return
+        self.last.update(metrics)
+        if self.ctx is not None:
+            tokens = plan_counts(self.plan, self.examples, state.global_step, self.padding_free).tokens
+            self.ctx.log_metrics({**metrics, "train/tokens": tokens}, step=state.global_step)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.commit_energy()
+
+
+# ---- building one ---------------------------------------------------------------------------------------
+
+
+def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> SFTConfig:
+    train, optimizer = cfg.train, cfg.train.optimizer
+    cuda = device.type == "cuda"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=optimizer.lr,
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.betas[0],
+        adam_beta2=optimizer.betas[1],
+        adam_epsilon=optimizer.eps,
+        warmup_steps=optimizer.warmup_steps,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(optimizer.schedule, optimizer.schedule),
+        max_grad_norm=optimizer.max_grad_norm if optimizer.max_grad_norm is not None else 0.0,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        # bf16: autocast over fp32 master weights; bf16_pure: the weights themselves are bf16 (loaded so)
+        bf16=train.precision == "bf16" and cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=train.gradient_checkpointing,
+        padding_free=train.packing,
+        max_length=None,  # the data layer truncates to data.max_length; TRL must not drop or cut rows
+        dataset_kwargs={"skip_prepare_dataset": True},
+        shuffle_dataset=False,
+        remove_unused_columns=False,  # keep example_index for the KD collator
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=train.log_every,
+        save_strategy="steps",
+        save_steps=train.checkpoint_every,
+        save_total_limit=train.keep_checkpoints,
+        report_to="none",  # metrics go to the stage's own run (StageMetricsCallback)
+        disable_tqdm=True,
+        dataloader_pin_memory=cuda,
+    )
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    plan: list[list[list[int]]],
+    output_dir: Path,
+    ctx: StageContext | None,
+    cache: TopKCache | None = None,
+) -> tuple[StudentTrainer, StageMetricsCallback]:
+    device = next(model.parameters()).device
+    args = training_args(cfg, output_dir, len(plan), device)
+    callback = StageMetricsCallback(ctx, plan, examples, cfg.train.packing)
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": to_dataset(examples),
+        "processing_class": tokenizer,
+        "data_collator": StudentCollator(tokenizer.pad_token_id, cfg.train.packing, cache),
+        "callbacks": [callback],
+        "plan": plan,
+    }
+    trainer = StudentTrainer(**common) if cache is None else KDTrainer(**common, kd=cfg.kd)
+    trainer.remove_callback(PrinterCallback)  # a dict per log step on stdout; the stage run has the metrics
+    return trainer, callback
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json (written last by HF's Trainer) exists; incomplete
+    ones, left by a kill in the middle of a save, are removed so that the resume cannot pick them."""
+    complete = None
+    for path in sorted(
+        output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.split("-")[-1])
+    ):
+        if (path / "trainer_state.json").is_file():
+            complete = path
+        else:
+            shutil.rmtree(path)
+    return complete

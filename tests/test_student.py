@@ -1,0 +1,119 @@
+"""student_train through TRL: KD and SFT move the student and lower the loss, an interrupted run resumes
+bit-for-bit through the trainer, checkpoints load with from_pretrained, mismatched vocabularies stop KD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import small_config
+from dist_bench import pipeline, tinyworld
+from dist_bench.preflight import PreflightError
+from dist_bench.student import stage, trainer
+from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.tinyworld.tokenizer import build_tokenizer
+
+
+def metric_history(run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(tinyworld.resolve("tinyworld:student-init")).state_dict()
+
+
+def assert_trained(train: object, divergence: str | None) -> None:
+    before = initial_weights()
+    after = AutoModelForCausalLM.from_pretrained(train.outputs["final_model"]).state_dict()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) == len(before)  # every tensor moved
+    losses = metric_history(train.run_id, "train/loss")
+    assert len(losses) >= 10 and losses[-1] < 0.5 * losses[0]
+    assert metric_history(train.run_id, "train/lr") and metric_history(train.run_id, "train/grad_norm")
+    if divergence:
+        assert metric_history(train.run_id, "train/ce") and metric_history(train.run_id, divergence)
+    assert train.metrics["tokens"] >= 30000 and train.metrics["padded_tokens"] > train.metrics["tokens"]
+    assert 0 < train.metrics["supervised_tokens"] < train.metrics["tokens"]
+
+
+def test_kd_changes_the_weights_and_lowers_the_loss(workdir: Path) -> None:
+    parent = pipeline.kd(small_config(workdir, "train.token_budget=30000", "train.optimizer.lr=0.003"))
+    assert_trained(parent.stages[1], "train/kl")
+
+
+def test_sft_changes_the_weights_and_lowers_the_loss(workdir: Path) -> None:
+    cfg = small_config(workdir, "pipeline=sft", "train.token_budget=30000", "train.optimizer.lr=0.003")
+    parent = pipeline.sft(cfg)
+    assert [s.stage for s in parent.stages] == ["student_train", "eval"]
+    assert_trained(parent.stages[0], None)
+
+
+def test_kd_and_sft_see_the_same_batches(workdir: Path) -> None:
+    """The fair-comparison rule: one batch plan, one token budget, whatever the method."""
+    kd = pipeline.kd(small_config(workdir)).stages[1].metrics
+    sft = pipeline.sft(small_config(workdir, "pipeline=sft")).stages[0].metrics
+    for name in ("steps", "tokens", "padded_tokens", "supervised_tokens"):
+        assert kd[name] == sft[name], name
+
+
+def test_interrupted_training_resumes_to_the_same_model(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = pipeline.kd(small_config(workdir, f"output.run_dir={workdir / 'reference'}"))
+    expected = (reference.stages[1].outputs["final_model"] / "model.safetensors").read_bytes()
+
+    saves: list[int] = []
+    real_on_save = trainer.StageMetricsCallback.on_save
+
+    def save_then_die(
+        self: trainer.StageMetricsCallback, args: object, state: object, *rest: object, **kw: object
+    ):
+        real_on_save(self, args, state, *rest, **kw)
+        saves.append(state.global_step)  # type: ignore[attr-defined]
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C or a scheduler's SIGTERM does mid-stage
+
+    monkeypatch.setattr(trainer.StageMetricsCallback, "on_save", save_then_die)
+    cfg = small_config(workdir)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.kd(cfg)
+    assert saves == [4, 8]
+    checkpoint = workdir / "runs" / "student_train"
+    (killed_at,) = checkpoint.glob("*/checkpoints/checkpoint-8")
+    assert AutoModelForCausalLM.from_pretrained(killed_at) and AutoTokenizer.from_pretrained(killed_at)
+    resumed = pipeline.kd(cfg)
+    assert resumed.stages[0].reused  # the teacher cache was finished: not recomputed
+    assert resumed.stages[1].summary["resumed"] and saves[2] == 12  # continued from step 8
+    got = (resumed.stages[1].outputs["final_model"] / "model.safetensors").read_bytes()
+    assert got == expected
+    for name in ("steps", "tokens", "padded_tokens", "supervised_tokens"):
+        assert resumed.stages[1].metrics[name] == reference.stages[1].metrics[name], name
+
+
+def test_a_student_with_another_vocabulary_stops_kd_before_training(workdir: Path) -> None:
+    other = workdir / "other-student"
+    model = AutoModelForCausalLM.from_pretrained(tinyworld.resolve("tinyworld:student-init"))
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    # The pre-flight pass finds it before the teacher's cache is paid for: no run, no stage.
+    with pytest.raises(
+        PreflightError, match=r"student\.model: vocab_size 259 .* differs from the teacher's 258"
+    ):
+        pipeline.kd(small_config(workdir, f"student.model={other}"))
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "runs").exists()
+    # The stage keeps its own check for a cache it did not see made (a reused or copied cache).
+    cache = pipeline.cache_logits(small_config(workdir)).stages[0].outputs["logit_cache"]
+    with pytest.raises(stage.VocabMismatch, match=r"student tokenizer .* differs from the teacher's"):
+        stage.check_compatible(
+            TopKCache.open(cache).manifest, tokenizer, small_config(workdir, f"student.model={other}")
+        )
+    # SFT trains across tokenizers: the same student is fine there.
+    sft = pipeline.sft(small_config(workdir, "pipeline=sft", f"student.model={other}", "train.max_steps=2"))
+    assert sft.stages[0].metrics["steps"] == 2
