@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: the KD and SFT pipelines on the embedded tiny world (same student, data, trainer and token
-# budget), reference evaluations of the teacher and of the untrained student, then the standard table. Everything goes to ./mlflow.db (see README for the UI).
+# budget), reference evaluations of the teacher and of the untrained student, then the standard table.
+# Everything goes to ./mlflow.db (see README for the UI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}"
