@@ -119,7 +119,9 @@ class KDConfig(Strict):
         description="renormalize: the teacher's top-k renormalised; bucket: one extra bucket holds the rest",
     )
     chunk_size: int = Field(
-        1024, ge=1, description="supervised positions per LM-head chunk: logits exist for one chunk at a time"
+        1024,
+        ge=1,
+        description="positions per chunk of the loss (bucket tail: full-vocabulary logits exist for one chunk at a time)",
     )
 
 

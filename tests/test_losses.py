@@ -1,20 +1,30 @@
-"""The chunked KD loss: same values and gradients as the plain dense statement of the maths (fp64), the
-project's current loss for forward KL, TRL's generalised JSD convention, any chunking, zero divergence
-against itself, a memory peak of one chunk rather than [N, V], bf16 inputs, and clear argument errors."""
+"""The KD loss, both implementations (impl="fused": TRL's log-prob kernel + sparse logits, the default
+for tail="renormalize"; impl="chunked"): same values and gradients as the plain dense statement of the
+maths (fp64), the project's current loss for forward KL, TRL's generalised JSD convention, any chunking,
+zero divergence against itself, a memory peak of one chunk rather than [N, V], bf16 inputs, and clear
+argument errors.
+
+The fused path's full-vocabulary terms come from TRL's kernel, which folds its statistics and gradients in
+fp32 whatever the input dtype (chunked_logprob.py: `tile.float()`, fp32 running max/sum and gradient
+accumulators), so against the fp64 reference it agrees to fp32 rounding (~1e-7 here; asserted at 1e-6),
+not to 1e-12 as the chunked path does. Its sparse terms (reverse KL / JSD divergence) stay exact in fp64."""
 
 from __future__ import annotations
 
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dist_bench.student import losses
 from dist_bench.student.losses import DIVERGENCES, TAILS, KDLossOutput, kd_loss, kd_loss_dense
 
 N, H, V, K = 37, 16, 300, 8
+FUSED_ATOL = 1e-6  # the fused path against fp64: TRL's kernel computes in fp32 (module docstring)
 
 
 def make_inputs(dtype: torch.dtype = torch.float64, k: int = K, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,21 +62,58 @@ def assert_same(
 def test_chunked_matches_dense_reference_in_fp64(divergence: str, tail: str, temperature: float) -> None:
     inputs = make_inputs()
     kwargs = {"divergence": divergence, "tail": tail, "temperature": temperature, "ce_weight": 0.3}
-    chunked = loss_and_grads(kd_loss, inputs, chunk_size=10, **kwargs)  # 37 rows: chunks 10, 10, 10, 7
+    chunked = loss_and_grads(kd_loss, inputs, chunk_size=10, impl="chunked", **kwargs)  # chunks 10, 10, 10, 7
     dense = loss_and_grads(kd_loss_dense, inputs, **kwargs)
     assert_same(chunked, dense, atol=1e-6)
     assert chunked[0].divergence > 0
 
 
-@pytest.mark.parametrize(("divergence", "tail"), list(itertools.product(DIVERGENCES, TAILS)))
-def test_duplicate_ids_get_the_gradient_of_the_formula(divergence: str, tail: str) -> None:
+@pytest.mark.parametrize(("divergence", "temperature"), list(itertools.product(DIVERGENCES, (1.0, 2.0))))
+def test_fused_matches_dense_reference_in_fp64(divergence: str, temperature: float) -> None:
+    inputs = make_inputs()
+    kwargs = {"divergence": divergence, "temperature": temperature, "ce_weight": 0.3}
+    fused = loss_and_grads(kd_loss, inputs, chunk_size=10, **kwargs)  # the default for renormalize
+    dense = loss_and_grads(kd_loss_dense, inputs, **kwargs)
+    assert_same(fused, dense, atol=FUSED_ATOL)
+    if divergence != "forward_kl":  # log q~ is sparse work only: exact in fp64, no kernel involved
+        torch.testing.assert_close(fused[0].divergence, dense[0].divergence, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("divergence", "temperature"), list(itertools.product(DIVERGENCES, (1.0, 2.0))))
+def test_fused_matches_chunked_in_fp32(divergence: str, temperature: float) -> None:
+    inputs = make_inputs(torch.float32)
+    kwargs = {"divergence": divergence, "temperature": temperature, "ce_weight": 0.3, "chunk_size": 10}
+    fused = loss_and_grads(kd_loss, inputs, impl="fused", **kwargs)
+    assert_same(fused, loss_and_grads(kd_loss, inputs, impl="chunked", **kwargs), atol=1e-5)
+
+
+def test_fused_calls_the_kernel_once_at_t1_and_twice_only_for_forward_kl_at_other_t(monkeypatch) -> None:
+    calls = []
+    apply = losses.ChunkedLogProbFunction.apply
+
+    def counting(*args):
+        calls.append(args[4])  # the temperature
+        return apply(*args)
+
+    monkeypatch.setattr(losses.ChunkedLogProbFunction, "apply", counting)
+    for divergence, t in itertools.product(DIVERGENCES, (1.0, 2.0)):
+        calls.clear()
+        kd_loss(**make_inputs(), divergence=divergence, temperature=t)
+        assert calls == ([1.0, t] if divergence == "forward_kl" and t != 1.0 else [1.0]), (divergence, t)
+
+
+@pytest.mark.parametrize(
+    ("divergence", "tail", "impl"), list(itertools.product(DIVERGENCES, TAILS, ("fused", "chunked")))
+)
+def test_duplicate_ids_get_the_gradient_of_the_formula(divergence: str, tail: str, impl: str) -> None:
     """Duplicates are not merged (documented), but the analytic gradient still is the formula's gradient."""
     inputs = make_inputs()
     inputs["teacher_ids"] = inputs["teacher_ids"].clone()
     inputs["teacher_ids"][::3, 1] = inputs["teacher_ids"][::3, 0]
     kwargs = {"divergence": divergence, "tail": tail, "temperature": 2.0}
-    chunked = loss_and_grads(kd_loss, inputs, chunk_size=10, **kwargs)
-    assert_same(chunked, loss_and_grads(kd_loss_dense, inputs, **kwargs), atol=1e-12)
+    out = loss_and_grads(kd_loss, inputs, chunk_size=10, impl=impl, **kwargs)
+    atol = FUSED_ATOL if impl == "fused" and tail == "renormalize" else 1e-12
+    assert_same(out, loss_and_grads(kd_loss_dense, inputs, **kwargs), atol=atol)
 
 
 @pytest.mark.parametrize(("tail", "beta"), list(itertools.product(TAILS, (0.0, 0.3, 1.0))))
@@ -118,14 +165,17 @@ def test_forward_kl_renormalize_is_the_projects_current_loss(temperature: float)
     reference = loss_and_grads(project_formula, inputs, **kwargs)
     dense = loss_and_grads(kd_loss_dense, inputs, **kwargs)
     assert_same(dense, reference, atol=0)  # same operations, bit for bit
-    chunked = loss_and_grads(kd_loss, inputs, chunk_size=10, **kwargs)
-    assert_same(chunked, reference, atol=1e-5)  # fp32: same maths, other rounding
+    for impl in ("fused", "chunked"):
+        out = loss_and_grads(kd_loss, inputs, chunk_size=10, impl=impl, **kwargs)
+        assert_same(out, reference, atol=1e-5)  # fp32: same maths, other rounding
 
 
-@pytest.mark.parametrize(("divergence", "tail"), list(itertools.product(DIVERGENCES, TAILS)))
-def test_chunk_size_does_not_change_values_or_gradients(divergence: str, tail: str) -> None:
+@pytest.mark.parametrize(
+    ("divergence", "tail", "impl"), list(itertools.product(DIVERGENCES, TAILS, ("fused", "chunked")))
+)
+def test_chunk_size_does_not_change_values_or_gradients(divergence: str, tail: str, impl: str) -> None:
     inputs = make_inputs()
-    kwargs = {"divergence": divergence, "tail": tail, "temperature": 2.0}
+    kwargs = {"divergence": divergence, "tail": tail, "temperature": 2.0, "impl": impl}
     whole = loss_and_grads(kd_loss, inputs, chunk_size=None, **kwargs)
     for chunk_size in (1, 7, 36, 37, 1024):
         assert_same(loss_and_grads(kd_loss, inputs, chunk_size=chunk_size, **kwargs), whole, atol=1e-12)
@@ -158,9 +208,10 @@ def test_divergence_is_zero_against_the_student_itself(divergence: str) -> None:
 def test_renormalized_forward_kl_against_itself_is_the_mass_outside_the_top_k() -> None:
     """p = q renormalised over the k ids, so KL(p || q_k) = -log sum_k q_k > 0: it pushes mass into the top-k."""
     inputs = own_cache(make_inputs())
-    out = kd_loss(**inputs, divergence="forward_kl", tail="renormalize", chunk_size=10)
     expected = -torch.logsumexp(inputs["teacher_logprobs"], -1).mean()
-    torch.testing.assert_close(out.divergence, expected, rtol=1e-12, atol=1e-12)
+    for impl, atol in (("chunked", 1e-12), ("fused", FUSED_ATOL)):
+        out = kd_loss(**inputs, divergence="forward_kl", tail="renormalize", chunk_size=10, impl=impl)
+        torch.testing.assert_close(out.divergence, expected, rtol=0, atol=atol)
     assert expected > 1e-3
 
 
@@ -184,7 +235,7 @@ def peak_bytes(trace: Path, fn, inputs: dict[str, torch.Tensor], **kwargs) -> in
     return peak
 
 
-def test_chunked_peak_memory_is_a_fraction_of_the_dense_one(tmp_path: Path) -> None:
+def test_chunked_peak_memory_is_a_fraction_of_the_dense_one(tmp_path: Path, monkeypatch) -> None:
     n, h, v, k = 1024, 64, 32000, 16
     g = torch.Generator().manual_seed(0)
     inputs = {
@@ -202,21 +253,61 @@ def test_chunked_peak_memory_is_a_fraction_of_the_dense_one(tmp_path: Path) -> N
     assert dense >= full_logits  # the measurement sees the dense path's [N, V] fp32 logits
     assert chunked < 0.25 * dense, (chunked, dense)
     assert chunked < full_logits / 2, (chunked, full_logits)
+    # The fused path (renormalize): TRL's kernel holds [N, tile] buffers per vocabulary tile. At TRL's
+    # tile (32768 >= V here) one tile is the whole vocabulary, and its CPU fallback keeps ~10 fp32 copies
+    # of it; so the tile is shrunk to V / 32, as TRL's 32768 is ~V / 5 at V = 151,936 (on GPU: one bf16
+    # [4096, tile] buffer). What is measured is that nothing else in the path is [N, V] (or [N, K, H]).
+    monkeypatch.setattr(losses, "VOCAB_TILE", 1000)
+    kwargs["tail"] = "renormalize"
+    dense = peak_bytes(tmp_path / "dense_renormalize.json", kd_loss_dense, inputs, **kwargs)
+    fused = peak_bytes(tmp_path / "fused.json", kd_loss, inputs, chunk_size=128, **kwargs)
+    assert fused < 0.25 * dense, (fused, dense)
+    assert fused < full_logits / 2, (fused, full_logits)
+
+
+def test_sparse_logits_do_not_keep_the_gathered_weight_rows(tmp_path: Path) -> None:
+    """_SparseLogits saves only its inputs: [N, K, H] gathered rows exist one chunk of rows at a time."""
+    n, h, v, k = 1024, 64, 1000, 64
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden": torch.randn(n, h, generator=g),
+        "weight": torch.randn(v, h, generator=g),
+        "bias": torch.randn(v, generator=g).requires_grad_(),
+        "ids": torch.randint(0, v, (n, k), generator=g),
+    }
+
+    def fn(hidden, weight, bias, ids):
+        return SimpleNamespace(loss=losses._SparseLogits.apply(hidden, weight, bias, ids, 64).square().sum())
+
+    gathered = n * k * h * 4
+    assert peak_bytes(tmp_path / "sparse.json", fn, inputs) < gathered / 4
+    # and the values and gradients are those of the dense product at the ids
+    leaves = [
+        inputs[name].detach().clone().double().requires_grad_() for name in ("hidden", "weight", "bias")
+    ]
+    s = losses._SparseLogits.apply(*leaves, inputs["ids"], 100)
+    (s.square().sum()).backward()
+    ref_leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    ref = (ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]).gather(1, inputs["ids"])
+    ref.square().sum().backward()
+    torch.testing.assert_close(s, ref, rtol=1e-12, atol=1e-12)
+    for x, y in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_bf16_inputs() -> None:
     inputs = make_inputs(torch.bfloat16)
     reference = {**inputs, **{name: inputs[name].float() for name in ("hidden", "weight", "bias")}}
-    for divergence, tail in itertools.product(DIVERGENCES, TAILS):
+    for divergence, tail, impl in itertools.product(DIVERGENCES, TAILS, ("fused", "chunked")):
         kwargs = {"divergence": divergence, "tail": tail, "temperature": 2.0, "chunk_size": 10}
-        out, grads = loss_and_grads(kd_loss, inputs, **kwargs)
-        ref, ref_grads = loss_and_grads(kd_loss, reference, **kwargs)
+        out, grads = loss_and_grads(kd_loss, inputs, impl=impl, **kwargs)
+        ref, ref_grads = loss_and_grads(kd_loss, reference, impl="chunked", **kwargs)
         assert out.loss.dtype == torch.float32
         torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=1e-3)
         for grad, ref_grad in zip(grads, ref_grads, strict=True):
             assert grad.dtype == torch.bfloat16 and torch.isfinite(grad).all()
             cos = torch.nn.functional.cosine_similarity(grad.float().flatten(), ref_grad.flatten(), dim=0)
-            assert cos > 0.99, (divergence, tail, cos)
+            assert cos > 0.99, (divergence, tail, impl, cos)
 
 
 def test_no_grad_partial_grad_tied_weights_and_grad_output_scaling() -> None:
@@ -234,12 +325,30 @@ def test_no_grad_partial_grad_tied_weights_and_grad_output_scaling() -> None:
     torch.testing.assert_close(weight.grad, 3 * grad_w, rtol=0, atol=1e-12)
     # Weight tied to the input embedding: both paths' gradients land on the one parameter.
     tokens = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
-    grads = []
-    for fn in (kd_loss, kd_loss_dense):
+    grads = {}
+    for name, fn in (("fused", kd_loss), ("chunked", kd_loss), ("dense", kd_loss_dense)):
         tied = inputs["weight"].clone().requires_grad_()
-        fn(**{**inputs, "hidden": torch.tanh(tied[tokens]), "weight": tied}, chunk_size=10).loss.backward()
-        grads.append(tied.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
+        impl = {} if name == "dense" else {"impl": name}
+        fn(
+            **{**inputs, "hidden": torch.tanh(tied[tokens]), "weight": tied}, chunk_size=10, **impl
+        ).loss.backward()
+        grads[name] = tied.grad
+    torch.testing.assert_close(grads["chunked"], grads["dense"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads["fused"], grads["dense"], rtol=0, atol=FUSED_ATOL)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_no_grad_and_partial_grad(divergence: str) -> None:
+    inputs = make_inputs()
+    kwargs = {"divergence": divergence, "temperature": 2.0}
+    expected, (_, grad_w, _) = loss_and_grads(kd_loss_dense, inputs, **kwargs)
+    with torch.no_grad():
+        out = kd_loss(**inputs, **kwargs)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=FUSED_ATOL)
+    weight = inputs["weight"].clone().requires_grad_()
+    (3 * kd_loss(**{**inputs, "weight": weight}, **kwargs).loss).backward()
+    torch.testing.assert_close(weight.grad, 3 * grad_w, rtol=0, atol=FUSED_ATOL)
 
 
 @pytest.mark.parametrize(
@@ -280,3 +389,8 @@ def test_invalid_arguments(change: dict, message: str) -> None:
     for fn in (kd_loss, kd_loss_dense):
         with pytest.raises(ValueError, match=message):
             fn(**inputs)
+
+
+def test_unknown_impl() -> None:
+    with pytest.raises(ValueError, match="unknown impl"):
+        kd_loss(**make_inputs(torch.float32), impl="triton")

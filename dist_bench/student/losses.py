@@ -47,6 +47,18 @@ and, with S = sum(g), the chain rule through the student's parametrisation gives
     renormalised q~ (renormalize reverse_kl / jsd):  dD/dz_ids = g - S q~, 0 elsewhere
 and dLoss/ds = (ce_weight (softmax(s) - onehot(target)) + (1 - ce_weight) T dD/dz) / N.
 `kd_loss_dense` states the same maths plainly with full [N, V] logits and autograd (tests, reading).
+
+impl="fused" (default; tail="renormalize" only: bucket always runs the chunked path) does all the
+full-vocabulary work in TRL's chunked log-prob kernel (`trl.kernels.ChunkedLogProbFunction`, TRL's SFT
+head: vocabulary tiles folded into online-logsumexp statistics, recomputed in backward), the rest is
+sparse [N, K] work through autograd (`_SparseLogits`: s_j = h . W[j] (+ b[j]) at the ids and the target,
+exact in the compute dtype; gathered weight rows recomputed chunk by chunk in backward, never saved):
+    CE = mean(-lp_t),  lp_t = the kernel's log-prob of the target at T = 1
+    forward_kl   log q_k = lp_T,t + (s_k - s_t) / T, lp_T,t = the kernel's at T (lp_t at T = 1: one call)
+    reverse_kl, jsd   log q~ = log_softmax(s_ids / T) over the K ids (one kernel call, for the CE)
+Precision: the kernel folds in fp32 whatever the input dtype (fp64 inputs give fp32-level CE, lp_T,t and
+kernel gradients) after rounding each logit tile to the compute dtype (bf16 on GPU); s_k - s_t is exact,
+so forward_kl's log q_k carries just the kernel's error of lp_T,t (as its CE does), common to a row's K.
 """
 
 from __future__ import annotations
@@ -56,9 +68,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from trl.kernels import ChunkedLogProbFunction
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("renormalize", "bucket")
+IMPLS = ("fused", "chunked")
+VOCAB_TILE = 32768  # the kernel's vocabulary tile: TRL's own (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+SPARSE_ELEMENTS = 1 << 24  # gathered weight entries ([rows, K, H]) held at a time by _SparseLogits
 REST_EPS = 1e-8  # floor of the teacher's rest-mass (bucket tail): rounding can make 1 - sum p <= 0
 
 
@@ -82,12 +98,18 @@ def kd_loss(
     jsd_beta: float = 0.5,
     tail: str = "renormalize",
     chunk_size: int | None = 1024,
+    impl: str = "fused",
 ) -> KDLossOutput:
-    """The loss of the module docstring, chunk_size positions at a time; see there for the maths."""
+    """The loss of the module docstring, chunk_size positions at a time; see there for the maths.
+    impl="fused" (tail="renormalize" only) goes through TRL's log-prob kernel, "chunked" never does."""
     _validate(hidden, weight, bias, targets, teacher_ids, teacher_logprobs, temperature, ce_weight)
     _validate_options(divergence, tail, jsd_beta, chunk_size, teacher_ids.shape[1], weight.shape[0])
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     options = (temperature, ce_weight, divergence, jsd_beta, tail, chunk_size)
     tensors = (hidden, weight, bias, targets, teacher_ids, teacher_logprobs)
+    if impl == "fused" and tail == "renormalize":
+        return _fused(*tensors, options)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors[:3])
     if not any(needs):  # nothing to differentiate: skip all gradient work and the autograd node
         loss, ce, div, _ = _chunked(*tensors, *options, needs=needs)
@@ -113,6 +135,88 @@ class _ChunkedKD(torch.autograd.Function):
         # No `if grad_loss == 1` shortcut: that would be a host sync.
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return (*scaled, None, None, None, None, None)
+
+
+def _fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    options: tuple,
+) -> KDLossOutput:
+    """tail="renormalize" through TRL's kernel (full vocabulary) and `_SparseLogits` (the ids); see the
+    module docstring. Everything here is autograd on [N] and [N, K] tensors."""
+    temperature, ce_weight, divergence, jsd_beta, _, chunk_size = options
+    (n, h), dtype, t = hidden.shape, _compute_dtype(hidden), float(temperature)
+    targets = targets.long()
+    full = divergence == "forward_kl"  # log q_k over the full vocabulary: needs the target's logit too
+
+    def kernel_logprob(temp: float) -> torch.Tensor:  # the log-probs only: no optional outputs asked
+        args = (temp, min(VOCAB_TILE, weight.shape[0]), None, 1.0, ("log_probs",))
+        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, *args)[0].to(dtype)
+
+    lp_t = kernel_logprob(1.0)
+    ids = torch.cat([teacher_ids, targets[:, None]], 1) if full else teacher_ids
+    rows = max(1, SPARSE_ELEMENTS // (ids.shape[1] * h))
+    s = _SparseLogits.apply(hidden, weight, bias, ids, min(rows, n if chunk_size is None else chunk_size))
+    if full:
+        lp_temp = lp_t if t == 1.0 else kernel_logprob(t)
+        logq = lp_temp[:, None] + (s[:, :-1] - s[:, -1:]) / t
+    else:
+        logq = torch.log_softmax(s / t, -1)
+    logp = _teacher_logp(teacher_logprobs.to(dtype), t, "renormalize")
+    ce, div = -lp_t.mean(), _divergence_and_grad(logp, logq, divergence, jsd_beta)[0].mean()
+    loss = ce_weight * ce + (1.0 - ce_weight) * t * t * div
+    return KDLossOutput(loss, ce.detach(), div.detach())
+
+
+class _SparseLogits(torch.autograd.Function):
+    """s[i, j] = hidden[i] . weight[ids[i, j]] (+ bias[ids[i, j]]), in the compute dtype (fp32 for bf16),
+    `rows` positions at a time. Only the inputs are saved: backward gathers the weight rows again, so no
+    [N, K, H] buffer outlives a chunk. Gradients accumulate in the compute dtype; no host syncs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, rows):  # type: ignore[override]
+        dtype = _compute_dtype(hidden)
+        out = torch.empty(ids.shape, dtype=dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # exact products, whatever the autocast
+            for r in _row_chunks(ids.shape[0], rows):
+                w = weight.index_select(0, ids[r].flatten()).view(*ids[r].shape, -1).to(dtype)  # [C, K, H]
+                out[r] = torch.bmm(w, hidden[r].to(dtype)[:, :, None])[:, :, 0]
+            if bias is not None:
+                out += bias.to(dtype)[ids]
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_s):  # type: ignore[override]
+        hidden, weight, bias, ids = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=grad_s.dtype, device=weight.device) if need_w else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for r in _row_chunks(ids.shape[0], ctx.rows) if need_h or need_w else ():
+                g, flat = grad_s[r], ids[r].flatten()
+                if grad_h is not None:  # sum_k g_k W[id_k]
+                    w = weight.index_select(0, flat).view(*g.shape, -1).to(g.dtype)
+                    grad_h[r] = torch.bmm(g[:, None, :], w)[:, 0]
+                if grad_w is not None:  # W[id_k] += g_k h
+                    grad_w.index_add_(
+                        0, flat, (g[:, :, None] * hidden[r].to(g.dtype)[:, None, :]).flatten(0, 1)
+                    )
+        grad_b = None
+        if need_b:
+            grad_b = torch.zeros(bias.shape, dtype=grad_s.dtype, device=bias.device)
+            grad_b = grad_b.index_add_(0, ids.flatten(), grad_s.flatten()).to(bias.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _row_chunks(n: int, rows: int) -> list[slice]:
+    return [slice(start, start + rows) for start in range(0, n, rows)]
 
 
 def _chunked(
