@@ -38,6 +38,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import add_fused_lm_head
 
 from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import Example
@@ -212,6 +213,9 @@ class StudentTrainer(SFTTrainer):
     def __init__(self, *args: Any, plan: list[list[list[int]]], **kwargs: Any) -> None:
         self.plan = plan
         super().__init__(*args, **kwargs)
+        # TRL's head as SFTTrainer installs it also computes the entropy, for a metric we do not log:
+        # the same head (same kernel, same loss) without that output.
+        add_fused_lm_head(self.model, outputs=("log_probs", "is_top1"))
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler[int]:
         return PlannedOrder(self.plan)
