@@ -7,11 +7,12 @@
 One trainer family, so the table compares methods and not training loops: KD and SFT students share the
 optimizer (fused AdamW on CUDA), precision, attention kernels, scheduler, batch plan, token budget and
 checkpointing; only the loss differs.
-- SFT: TRL's own loss (its chunked LM head: no full-vocabulary logits), on completion tokens only.
-- KD: `KDTrainer.compute_loss` asks the model for `losses.kd_loss` on the supervised positions through a
-  forward patched in the way TRL patches its fused LM head (`add_kd_head`): the loss runs inside the
-  model's forward, so DDP/FSDP wrappers see an ordinary forward call. TRL's own distillation trainers are
-  on-policy (they run the teacher); none reads an offline top-k cache, hence this subclass.
+- SFT: TRL's loss (negative log-likelihood through its fused log-prob kernel: no full-vocabulary logits),
+  on completion tokens only.
+- KD: `KDTrainer.compute_loss` asks the model for `losses.kd_loss` on the supervised positions. TRL's own
+  distillation trainers are on-policy (they run the teacher); none reads an offline top-k cache.
+Both losses run inside the model's forward, patched the way TRL patches its fused head (`add_student_head`),
+so DDP/FSDP wrappers see an ordinary forward call; the supervised positions come from the collator.
 
 The batch plan (which examples form every micro-batch, fixed by the seed up to `train.token_budget`) is
 the trainer's sampler, so every method sees the same batches and a resumed run sees the rest of them.
@@ -37,12 +38,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
+from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import add_fused_lm_head
 
 from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import Example
-from dist_bench.student.losses import kd_loss
+from dist_bench.student.losses import VOCAB_TILE, kd_loss
 from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tracking import StageContext
 
@@ -143,37 +144,55 @@ class StudentCollator:
             pad_token_id=self.pad_token_id, padding_free=self.padding_free
         )
         batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would stop
+        # the host until the device catches up (it must learn the count), every micro-batch.
+        batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
         if self.cache is not None:
             cached = self.cache.rows([int(r["example_index"]) for r in rows])
             batch["teacher_ids"] = self.cache.token_ids[cached].long()
             batch["teacher_logprobs"] = self.cache.logprobs[cached]
-            # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would
-            # stall the host until the device catches up (it must learn the count), every micro-batch.
-            batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
         return batch
 
 
 # ---- the KD loss inside the model's forward -----------------------------------------------------------
 
 
-def add_kd_head(model: PreTrainedModel, kd: KDConfig) -> None:
-    """`model(..., labels=l, teacher_ids=i, teacher_logprobs=p)` returns the KD loss (losses.kd_loss) of the
-    positions whose next-token label is not IGNORE, without full-vocabulary logits; without teacher tensors
-    the forward is the original one (generation, TRL's fused head). Like TRL's `add_fused_lm_head`."""
+def plain_lm_head(model: PreTrainedModel) -> bool:
+    """No logit softcapping or scaling (Gemma, Granite, ...): the student head's losses assume plain logits."""
+    text = model.config.get_text_config()
+    scaled = (
+        "final_logit_softcapping",
+        "logit_scale",
+        "output_multiplier",
+        "lm_head_multiplier",
+        "logits_scaling",
+    )
+    return all(getattr(text, name, None) is None for name in scaled)
+
+
+def add_student_head(model: PreTrainedModel, kd: KDConfig | None) -> None:
+    """`model(..., labels=l, supervised_index=i)` returns the SFT loss and token accuracy of the supervised
+    positions, and with `teacher_ids=..., teacher_logprobs=...` the KD loss (losses.kd_loss), without
+    full-vocabulary logits; without `supervised_index` the forward is the original one (generation).
+
+    Like TRL's `add_fused_lm_head` (the same kernel does the full-vocabulary work), with one difference:
+    the supervised positions come from the collator, found on the CPU. TRL's head finds them with a
+    boolean index on the device, which stops the host every micro-batch until the GPU catches up.
+    """
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
     def forward(
         self: PreTrainedModel,
         *args: Any,
+        supervised_index: torch.Tensor | None = None,
         teacher_ids: torch.Tensor | None = None,
         teacher_logprobs: torch.Tensor | None = None,
-        supervised_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> Any:
-        if teacher_ids is None:
+        if supervised_index is None:
             if labels is not None:
                 kwargs["labels"] = labels
             return original_forward(*args, **kwargs)
@@ -182,6 +201,15 @@ def add_kd_head(model: PreTrainedModel, kd: KDConfig) -> None:
         hidden = hidden.flatten(0, 1).index_select(0, supervised_index)
         targets = labels[:, 1:].flatten().index_select(0, supervised_index)
         head = self.get_output_embeddings()
+        # Mean over this micro-batch -> sum over the step's supervised tokens, as HF's num_items_in_batch asks:
+        # every supervised token of an optimizer step weighs the same, whatever micro-batch it is in.
+        scale = supervised_index.numel() / num_items_in_batch if num_items_in_batch is not None else 1.0
+        if teacher_ids is None:
+            tile = min(VOCAB_TILE, head.weight.shape[0])
+            log_probs, *_, is_top1 = ChunkedLogProbFunction.apply(
+                hidden, head.weight, head.bias, targets, 1.0, tile, None, 1.0, ("log_probs", "is_top1")
+            )
+            return -log_probs.mean() * scale, is_top1.float().mean()
         out = kd_loss(
             hidden,
             head.weight,
@@ -196,9 +224,6 @@ def add_kd_head(model: PreTrainedModel, kd: KDConfig) -> None:
             tail=kd.tail,
             chunk_size=kd.chunk_size,
         )
-        # Mean over this micro-batch -> sum over the step's supervised tokens, as HF's num_items_in_batch asks:
-        # every supervised token of an optimizer step weighs the same, whatever micro-batch it is in.
-        scale = supervised_index.numel() / num_items_in_batch if num_items_in_batch is not None else 1.0
         return out.loss * scale, out.ce, out.divergence
 
     model.forward = types.MethodType(forward, model)
@@ -210,12 +235,16 @@ def add_kd_head(model: PreTrainedModel, kd: KDConfig) -> None:
 class StudentTrainer(SFTTrainer):
     """SFTTrainer on the batch plan, with metrics kept on the device until a log step."""
 
-    def __init__(self, *args: Any, plan: list[list[list[int]]], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, plan: list[list[list[int]]], kd: KDConfig | None = None, **kwargs: Any
+    ) -> None:
         self.plan = plan
         super().__init__(*args, **kwargs)
-        # TRL's head as SFTTrainer installs it also computes the entropy, for a metric we do not log:
-        # the same head (same kernel, same loss) without that output.
-        add_fused_lm_head(self.model, outputs=("log_probs", "is_top1"))
+        # Our head where the logits are plain (the same TRL kernel, no host sync); TRL's fused head, as
+        # SFTTrainer installs it, for softcapped or scaled logits.
+        self.own_head = plain_lm_head(self.model)
+        if self.own_head:
+            add_student_head(self.model, kd)
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler[int]:
         return PlannedOrder(self.plan)
@@ -227,15 +256,26 @@ class StudentTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """TRL's SFT loss through its fused LM head (no full-vocabulary logits), without the host syncs of
+        """TRL's SFT loss (its fused log-prob kernel: no full-vocabulary logits), without the host syncs of
         TRL's own compute_loss (it reads entropy, accuracy and token counts with .item() every micro-batch)."""
+        if self.own_head:
+            loss, accuracy = model(**inputs, num_items_in_batch=num_items_in_batch)
+            self._metrics["train"]["mean_token_accuracy"].append(accuracy)
+            return self._across_devices(loss, num_items_in_batch)
+        inputs.pop("supervised_index", None)
         outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         supervised = outputs.label_mask.sum()
         total = supervised if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(total).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:  # as TRL does, for DDP
-            loss = loss * self.accelerator.num_processes
         self._metrics["train"]["mean_token_accuracy"].append(outputs.is_top1.sum() / supervised.clamp(min=1))
+        return self._across_devices(loss, num_items_in_batch)
+
+    def _across_devices(
+        self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        # num_items_in_batch counts every rank's tokens and DDP averages gradients: as TRL does
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * self.accelerator.num_processes
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -251,9 +291,12 @@ class KDTrainer(StudentTrainer):
     """KD from an offline top-k teacher cache: CE + divergence (kd.loss, kd.tail) over supervised positions."""
 
     def __init__(self, *args: Any, kd: KDConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, kd=kd, **kwargs)
+        if not self.own_head:
+            raise ValueError(
+                "student.model: KD from a top-k cache does not support softcapped or scaled logits yet"
+            )
         self.divergence_name = "jsd" if kd.loss == "jsd" else "kl"
-        add_kd_head(self.model, kd)
 
     def compute_loss(
         self,
