@@ -280,9 +280,8 @@ class StudentTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        for values in self._metrics[
-            mode
-        ].values():  # device tensors of the steps since the last log: one sync
+        # The metrics are device tensors of the steps since the last log: read them here, in one go.
+        for values in self._metrics[mode].values():
             values[:] = [float(v) if isinstance(v, torch.Tensor) else v for v in values]
         super().log(logs, start_time)
 
@@ -306,13 +305,9 @@ class KDTrainer(StudentTrainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss, ce, divergence = model(**inputs, num_items_in_batch=num_items_in_batch)
-        if (
-            self.args.average_tokens_across_devices and num_items_in_batch is not None
-        ):  # DDP averages gradients
-            loss = loss * self.accelerator.num_processes
         self._metrics["train"]["ce"].append(ce)
         self._metrics["train"][self.divergence_name].append(divergence)
-        return loss
+        return self._across_devices(loss, num_items_in_batch)
 
 
 # Trainer's log keys -> the stage run's step metrics
