@@ -25,10 +25,23 @@ class DataError(ValueError):
     """Bad training data, phrased as one line naming the file and line."""
 
 
+IGNORE = -100  # label of a position without a loss (HF convention)
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     first_target: int  # index of the first token that gets a loss; every later token does too
+
+    @property
+    def labels(self) -> list[int]:
+        """The token ids, IGNORE where a token gets no loss (as HF's and TRL's trainers take labels)."""
+        return [IGNORE] * self.first_target + self.input_ids[self.first_target :]
+
+    @property
+    def supervised_tokens(self) -> int:
+        """Tokens that get a loss (each predicted from the token before it)."""
+        return len(self.input_ids) - self.first_target
 
 
 def data_path(cfg: DataConfig) -> Path:

@@ -583,7 +583,7 @@ def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
     positions = []
     for prompt, completion in data.sample:
         example = tokenize(prompt, completion, tokenizer, cfg.data)
-        positions.append(len(example.input_ids) - example.first_target if example else 0)
+        positions.append(example.supervised_tokens if example else 0)
     mean_positions = sum(positions) / max(len(positions), 1)
     bytes_per_position = cfg.logits.top_k * (4 + (4 if cfg.logits.logprob_dtype == "float32" else 2))
     return int(

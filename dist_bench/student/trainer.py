@@ -42,12 +42,11 @@ from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from dist_bench.config import KDConfig, RunConfig
-from dist_bench.dataset import Example
+from dist_bench.dataset import IGNORE, Example
 from dist_bench.student.losses import VOCAB_TILE, kd_loss
 from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tracking import StageContext
 
-IGNORE = -100  # label of a position without a loss (HF convention)
 # transformers 5.2x renames gradient_checkpointing; TRL's config still sets it (and 5.17 knows only that name)
 warnings.filterwarnings("ignore", message=r"`gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -109,9 +108,7 @@ def plan_counts(
             lengths = [len(examples[i].input_ids) for i in micro]
             counts.tokens += sum(lengths)
             counts.padded_tokens += sum(lengths) if padding_free else max(lengths) * len(lengths)
-            counts.supervised_tokens += sum(
-                len(examples[i].input_ids) - examples[i].first_target for i in micro
-            )
+            counts.supervised_tokens += sum(examples[i].supervised_tokens for i in micro)
     return counts
 
 
@@ -124,7 +121,7 @@ def to_dataset(examples: list[Example]) -> Dataset:
     return Dataset.from_dict(
         {
             "input_ids": [e.input_ids for e in examples],
-            "labels": [[IGNORE] * e.first_target + e.input_ids[e.first_target :] for e in examples],
+            "labels": [e.labels for e in examples],
             "example_index": list(range(len(examples))),
         }
     )
