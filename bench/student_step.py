@@ -11,7 +11,11 @@ supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one
 - project_kd     dist-bench's student trainer, KD from a top-64 cache (KDTrainer, losses.kd_loss)
 For each: tokens/s and s/step over the timed steps (after warm-up, device synchronised at both ends), MFU
 (6 x parameters x tokens/s over the GPU's dense bf16 peak), mJ per token from the NVML energy counter, and
-peak allocated memory. The issue's goals: project_sft >= 0.95 x plain_chunked; project_kd >= 0.97 x
+peak allocated memory. `--repeats R` runs the variants R times, interleaved, and reports each figure's median
+(the ratios are medians of each round's ratio): lent machines differ by ~10% from call to call and drift
+within one. `--sync-scan` first runs a few steps of each project variant with CUDA's sync debug mode and
+lists every place that stops the host until the device catches up (what makes a step host-bound).
+The issue's goals: project_sft >= 0.95 x plain_chunked; project_kd >= 0.97 x
 project_sft in tokens/s with peak memory <= 1.05 x project_sft's.
 """
 
@@ -21,8 +25,11 @@ import argparse
 import gc
 import json
 import platform
+import statistics
 import tempfile
 import time
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +123,36 @@ def plain_variant(
     return meter, sum(p.numel() for p in model.parameters())
 
 
+class SyncScan(TrainerCallback):
+    """Record each device sync in the steps after `start` (CUDA sync debug mode, warn): the Python stack
+    outside torch where it happened, counted by call site."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.stop = start, start + steps
+        self.sites: dict[str, int] = {}
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.start:
+            warnings.simplefilter("always")
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode(1)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.stop:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = ORIGINAL_SHOWWARNING
+
+    def _record(self, message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+        site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+
+ORIGINAL_SHOWWARNING = warnings.showwarning
+
+
 class MarkSteps(TrainerCallback):
     def __init__(self, meter: Meter, warmup: int, last: int) -> None:
         self.meter, self.warmup, self.last = meter, warmup, last
@@ -134,6 +171,7 @@ def project_variant(
     steps: int,
     kd: bool,
     top_k: int,
+    scan: SyncScan | None = None,
 ) -> tuple[Meter, int]:
     model = fresh_model(shape, device)
     n_steps = warmup + steps
@@ -158,7 +196,7 @@ def project_variant(
     meter = Meter(device)
     with tempfile.TemporaryDirectory() as out:
         trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, Path(out), None, cache)
-        trainer.add_callback(MarkSteps(meter, warmup, n_steps))
+        trainer.add_callback(scan if scan is not None else MarkSteps(meter, warmup, n_steps))
         trainer.args.save_strategy = "no"  # a 0.5 B checkpoint is not part of a step
         trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -194,6 +232,21 @@ def run_variant(
     return {**result, "n_params": n_params}
 
 
+def sync_scan(shape: dict[str, int], batch: int, seq: int, device: torch.device, top_k: int) -> dict:
+    """The device syncs per step of the project's SFT and KD steps, by call site (3 steps after 2)."""
+    found = {}
+    for name, kd in (("project_sft", False), ("project_kd", True)):
+        scan = SyncScan(start=2, steps=3)
+        project_variant(shape, batch, seq, device, 2, 3, kd=kd, top_k=top_k, scan=scan)
+        found[name] = {site: count / 3 for site, count in sorted(scan.sites.items(), key=lambda x: -x[1])}
+        print(name, "syncs per step:", json.dumps(found[name], indent=2), flush=True)
+    return found
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -202,6 +255,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--variants", default="plain,plain_chunked,project_sft,project_kd")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, interleaved")
+    parser.add_argument("--sync-scan", action="store_true", help="list the device syncs per step first")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,31 +270,42 @@ def main() -> None:
         "project_sft": lambda: project_variant(shape, batch, seq, device, w, s, kd=False, top_k=k),
         "project_kd": lambda: project_variant(shape, batch, seq, device, w, s, kd=True, top_k=k),
     }
+    scans = sync_scan(shape, batch, seq, device, k) if args.sync_scan and device.type == "cuda" else None
+    names = args.variants.split(",")
+    rounds = [
+        {name: run_variant(name, makers[name], s, batch * seq, peak) for name in names}
+        for _ in range(args.repeats)
+    ]
     results = {
-        name: run_variant(name, makers[name], s, batch * seq, peak) for name in args.variants.split(",")
+        name: {
+            **{key: median([r[name][key] for r in rounds]) for key in rounds[0][name] if key != "n_params"},
+            "n_params": rounds[0][name]["n_params"],
+            "tok_per_s_per_round": [r[name]["tok_per_s"] for r in rounds],
+        }
+        for name in names
     }
-    ratios = {}
-    if {"project_sft", "plain_chunked"} <= results.keys():
-        ratios["project_sft_vs_plain_chunked"] = (
-            results["project_sft"]["tok_per_s"] / results["plain_chunked"]["tok_per_s"]
-        )
-    if {"project_kd", "project_sft"} <= results.keys():
-        ratios["project_kd_vs_project_sft"] = (
-            results["project_kd"]["tok_per_s"] / results["project_sft"]["tok_per_s"]
-        )
-        if "peak_mem_GB" in results["project_sft"]:
-            ratios["project_kd_peak_mem_vs_project_sft"] = (
-                results["project_kd"]["peak_mem_GB"] / results["project_sft"]["peak_mem_GB"]
-            )
+    wanted = {
+        "project_sft_vs_plain_chunked": ("project_sft", "plain_chunked", "tok_per_s"),
+        "project_kd_vs_project_sft": ("project_kd", "project_sft", "tok_per_s"),
+        "project_kd_peak_mem_vs_project_sft": ("project_kd", "project_sft", "peak_mem_GB"),
+    }
+    per_round = {
+        ratio: [r[a][key] / r[b][key] for r in rounds]
+        for ratio, (a, b, key) in wanted.items()
+        if {a, b} <= set(names) and key in rounds[0][a]
+    }
+    ratios = {ratio: median(values) for ratio, values in per_round.items()}
     report = {
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "shape": shape, "batch": batch, "seq": seq,
-            "warmup_steps": w, "timed_steps": s, "top_k": k, "peak_flops": peak, "dtype": "bfloat16",
+            "warmup_steps": w, "timed_steps": s, "repeats": args.repeats, "top_k": k, "peak_flops": peak, "dtype": "bfloat16",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
         },
         "variants": results,
         "ratios": ratios,
+        "ratios_per_round": per_round,
+        "sync_scan": scans,
         "goals": {"project_sft_vs_plain_chunked": ">= 0.95", "project_kd_vs_project_sft": ">= 0.97",
                   "project_kd_peak_mem_vs_project_sft": "<= 1.05"},
     }  # fmt: skip

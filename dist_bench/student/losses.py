@@ -48,33 +48,31 @@ and, with S = sum(g), the chain rule through the student's parametrisation gives
 and dLoss/ds = (ce_weight (softmax(s) - onehot(target)) + (1 - ce_weight) T dD/dz) / N.
 `kd_loss_dense` states the same maths plainly with full [N, V] logits and autograd (tests, reading).
 
-impl="fused" (default; tail="renormalize" only: bucket always runs the chunked path) does all the
-full-vocabulary work in TRL's chunked log-prob kernel (`trl.kernels.ChunkedLogProbFunction`, TRL's SFT
-head: vocabulary tiles folded into online-logsumexp statistics, recomputed in backward), the rest is
-sparse [N, K] work through autograd (`_SparseLogits`: s_j = h . W[j] (+ b[j]) at the ids and the target,
-exact in the compute dtype; gathered weight rows recomputed chunk by chunk in backward, never saved):
-    CE = mean(-lp_t),  lp_t = the kernel's log-prob of the target at T = 1
-    forward_kl   log q_k = lp_T,t + (s_k - s_t) / T, lp_T,t = the kernel's at T (lp_t at T = 1: one call)
-    reverse_kl, jsd   log q~ = log_softmax(s_ids / T) over the K ids (one kernel call, for the CE)
-Precision: the kernel folds in fp32 whatever the input dtype (fp64 inputs give fp32-level CE, lp_T,t and
-kernel gradients) after rounding each logit tile to the compute dtype (bf16 on GPU); s_k - s_t is exact,
-so forward_kl's log q_k carries just the kernel's error of lp_T,t (as its CE does), common to a row's K.
+impl="fused" (default; tail="renormalize" only: bucket always runs the chunked path) never holds more
+than one [chunk, VOCAB_TILE] logit tile: each tile is folded into log-sum-exp statistics (T = 1 for CE,
+and T for forward KL) while the target's and the K cached ids' logits are read from it
+(`student/kernels.py`: Triton on CUDA, torch elsewhere); backward recomputes each tile and overwrites it
+with dLoss/dlogits (the dense softmax terms, then the K ids' entries, computed on [N, K]) before the two
+gradient GEMMs, as TRL's chunked log-prob head (the SFT loss) does for CE alone. So KD pays the SFT head's
+GEMMs plus O(N K) work. Precision: every logit is rounded to the compute dtype (bf16 on GPU) before the
+fp32 fold, as in TRL's head; fp64 inputs stay fp64 throughout (the tests' reference precision).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from trl.kernels import ChunkedLogProbFunction
+
+from dist_bench.student.kernels import fold_tile, gradient_tile
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("renormalize", "bucket")
 IMPLS = ("fused", "chunked")
 VOCAB_TILE = 32768  # the kernel's vocabulary tile: TRL's own (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
-SPARSE_ELEMENTS = 1 << 24  # gathered weight entries ([rows, K, H]) held at a time by _SparseLogits
 REST_EPS = 1e-8  # floor of the teacher's rest-mass (bucket tail): rounding can make 1 - sum p <= 0
 
 
@@ -108,10 +106,10 @@ def kd_loss(
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     options = (temperature, ce_weight, divergence, jsd_beta, tail, chunk_size)
     tensors = (hidden, weight, bias, targets, teacher_ids, teacher_logprobs)
-    if impl == "fused" and tail == "renormalize":
-        return _fused(*tensors, options)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors[:3])
-    if not any(needs):  # nothing to differentiate: skip all gradient work and the autograd node
+    if impl == "fused" and tail == "renormalize":
+        loss, ce, div = _TiledKD.apply(*tensors, options)
+    elif not any(needs):  # nothing to differentiate: skip all gradient work and the autograd node
         loss, ce, div, _ = _chunked(*tensors, *options, needs=needs)
     else:
         loss, ce, div = _ChunkedKD.apply(*tensors, options, needs)
@@ -137,86 +135,133 @@ class _ChunkedKD(torch.autograd.Function):
         return (*scaled, None, None, None, None, None)
 
 
-def _fused(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    options: tuple,
-) -> KDLossOutput:
-    """tail="renormalize" through TRL's kernel (full vocabulary) and `_SparseLogits` (the ids); see the
-    module docstring. Everything here is autograd on [N] and [N, K] tensors."""
-    temperature, ce_weight, divergence, jsd_beta, _, chunk_size = options
-    (n, h), dtype, t = hidden.shape, _compute_dtype(hidden), float(temperature)
-    targets = targets.long()
-    full = divergence == "forward_kl"  # log q_k over the full vocabulary: needs the target's logit too
+class _TiledKD(torch.autograd.Function):
+    """tail="renormalize", vocabulary tile by vocabulary tile (the module docstring's impl="fused").
 
-    def kernel_logprob(temp: float) -> torch.Tensor:  # the log-probs only: no optional outputs asked
-        args = (temp, min(VOCAB_TILE, weight.shape[0]), None, 1.0, ("log_probs",))
-        return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, *args)[0].to(dtype)
-
-    lp_t = kernel_logprob(1.0)
-    ids = torch.cat([teacher_ids, targets[:, None]], 1) if full else teacher_ids
-    rows = max(1, SPARSE_ELEMENTS // (ids.shape[1] * h))
-    s = _SparseLogits.apply(hidden, weight, bias, ids, min(rows, n if chunk_size is None else chunk_size))
-    if full:
-        lp_temp = lp_t if t == 1.0 else kernel_logprob(t)
-        logq = lp_temp[:, None] + (s[:, :-1] - s[:, -1:]) / t
-    else:
-        logq = torch.log_softmax(s / t, -1)
-    logp = _teacher_logp(teacher_logprobs.to(dtype), t, "renormalize")
-    ce, div = -lp_t.mean(), _divergence_and_grad(logp, logq, divergence, jsd_beta)[0].mean()
-    loss = ce_weight * ce + (1.0 - ce_weight) * t * t * div
-    return KDLossOutput(loss, ce.detach(), div.detach())
-
-
-class _SparseLogits(torch.autograd.Function):
-    """s[i, j] = hidden[i] . weight[ids[i, j]] (+ bias[ids[i, j]]), in the compute dtype (fp32 for bf16),
-    `rows` positions at a time. Only the inputs are saved: backward gathers the weight rows again, so no
-    [N, K, H] buffer outlives a chunk. Gradients accumulate in the compute dtype; no host syncs."""
+    Forward: per chunk of positions and tile of the vocabulary, one [chunk, VOCAB_TILE] logit tile in the
+    compute dtype, folded by `kernels.fold_tile` into log-sum-exp statistics (T = 1, and T for forward KL)
+    while the target's and the K ids' logits are read from it. The loss and every per-row coefficient of
+    its gradient then follow on [N] and [N, K] tensors. Backward recomputes each tile, turns it into
+    dLoss/dlogits in place (`kernels.gradient_tile`) and accumulates the two gradient GEMMs in fp32, as
+    TRL's SFT head does: KD costs the SFT head's GEMMs plus O(N K) work. No host syncs.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, rows):  # type: ignore[override]
-        dtype = _compute_dtype(hidden)
-        out = torch.empty(ids.shape, dtype=dtype, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):  # exact products, whatever the autocast
-            for r in _row_chunks(ids.shape[0], rows):
-                w = weight.index_select(0, ids[r].flatten()).view(*ids[r].shape, -1).to(dtype)  # [C, K, H]
-                out[r] = torch.bmm(w, hidden[r].to(dtype)[:, :, None])[:, :, 0]
-            if bias is not None:
-                out += bias.to(dtype)[ids]
-        ctx.save_for_backward(hidden, weight, bias, ids)
-        ctx.rows = rows
-        return out
+    def forward(ctx, hidden, weight, bias, targets, teacher_ids, teacher_logprobs, options):  # type: ignore[override]
+        temperature, ce_weight, divergence, jsd_beta, _, chunk_size = options
+        device, n, k = hidden.device, hidden.shape[0], teacher_ids.shape[1]
+        compute = (
+            torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        )
+        acc, t = _compute_dtype(hidden), float(temperature)
+        targets, ids = targets.long().contiguous(), teacher_ids.long().contiguous()
+        forward_kl = divergence == "forward_kl"  # (jsd at beta 0 is KL(P || q~): renormalised, as below)
+        two_temps = forward_kl and t != 1.0  # log q_k needs the log-sum-exp of s / T as well
+        max1, sum1 = hidden.new_full((n,), -math.inf, dtype=acc), hidden.new_zeros((n,), dtype=acc)
+        max_t, sum_t = (
+            (torch.full_like(max1, -math.inf), torch.zeros_like(sum1)) if two_temps else (None, None)
+        )
+        target_logit, id_logits = hidden.new_zeros((n,), dtype=acc), hidden.new_zeros((n, k), dtype=acc)
+        w, b = weight.to(compute), None if bias is None else bias.to(compute)  # one cast, not one per chunk
+        for rows, cols, tile in _tiles(hidden, w, b, chunk_size):
+            fold_tile(tile, cols.start, targets[rows], ids[rows], max1[rows], sum1[rows],
+                      None if max_t is None else max_t[rows], None if sum_t is None else sum_t[rows],
+                      target_logit[rows], id_logits[rows], 1.0 / t)  # fmt: skip
+        lse1 = max1 + sum1.log()
+        lse_t = max_t + sum_t.log() if two_temps else lse1
+        # forward KL: the full-vocabulary log q at the ids; else the student renormalised over the K ids
+        logq = id_logits / t - lse_t[:, None] if forward_kl else torch.log_softmax(id_logits / t, -1)
+        logp = _teacher_logp(teacher_logprobs.to(acc), t, "renormalize")
+        d_rows, g = _divergence_and_grad(logp, logq, divergence, jsd_beta)
+        ce, div = (lse1 - target_logit).mean(), d_rows.mean()
+        loss = ce_weight * ce + (1.0 - ce_weight) * t * t * div
+
+        # dLoss/ds = a (softmax(s) - onehot(target)) + b dD/dz, with dD/dz from the module docstring.
+        a, b_ = ce_weight / n, (1.0 - ce_weight) * t / n
+        total = g.sum(-1)
+        coef1 = torch.full_like(lse1, a)
+        coef_t = -b_ * total if two_temps else None
+        if forward_kl and not two_temps:
+            coef1 = coef1 - b_ * total  # softmax(s / T) is softmax(s)
+        sparse = b_ * g if forward_kl else b_ * (g - total[:, None] * logq.exp())
+        # Dense part at the ids, plus the sparse part summed over the row's copies of an id (a duplicate id
+        # gets every copy's share, as the formula's gradient does).
+        at_ids = coef1[:, None] * (id_logits - lse1[:, None]).exp() - a * (ids == targets[:, None])
+        if coef_t is not None:
+            at_ids += coef_t[:, None] * (id_logits / t - lse_t[:, None]).exp()
+        first = (ids[:, :, None] == ids[:, None, :]).to(torch.uint8).argmax(-1)  # first copy of each id
+        at_ids += torch.zeros_like(sparse).scatter_add_(1, first, sparse).gather(1, first)
+        ctx.save_for_backward(hidden, weight, bias, targets, ids, lse1, lse_t, coef1,
+                              coef_t if coef_t is not None else lse1, at_ids)  # fmt: skip
+        ctx.two_temps, ctx.a, ctx.inv_t, ctx.chunk_size, ctx.compute = (
+            two_temps,
+            a,
+            1.0 / t,
+            chunk_size,
+            compute,
+        )
+        ce, div = ce.detach(), div.detach()
+        ctx.mark_non_differentiable(ce, div)
+        return loss, ce, div
 
     @staticmethod
-    def backward(ctx, grad_s):  # type: ignore[override]
-        hidden, weight, bias, ids = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_ce, _grad_div):  # type: ignore[override]
+        hidden, weight, bias, targets, ids, lse1, lse_t, coef1, coef_t, at_ids = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=grad_s.dtype, device=weight.device) if need_w else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for r in _row_chunks(ids.shape[0], ctx.rows) if need_h or need_w else ():
-                g, flat = grad_s[r], ids[r].flatten()
-                if grad_h is not None:  # sum_k g_k W[id_k]
-                    w = weight.index_select(0, flat).view(*g.shape, -1).to(g.dtype)
-                    grad_h[r] = torch.bmm(g[:, None, :], w)[:, 0]
-                if grad_w is not None:  # W[id_k] += g_k h
-                    grad_w.index_add_(
-                        0, flat, (g[:, :, None] * hidden[r].to(g.dtype)[:, None, :]).flatten(0, 1)
-                    )
-        grad_b = None
-        if need_b:
-            grad_b = torch.zeros(bias.shape, dtype=grad_s.dtype, device=bias.device)
-            grad_b = grad_b.index_add_(0, ids.flatten(), grad_s.flatten()).to(bias.dtype)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        acc = _compute_dtype(hidden)
+        scale = grad_loss.to(acc)  # a device scalar: no `if grad == 1` host sync
+        coef1, coef_t, at_ids = coef1 * scale, coef_t * scale if ctx.two_temps else None, at_ids * scale
+        coef_target = (ctx.a * scale).expand_as(coef1).contiguous()
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        w = weight.to(ctx.compute)
+        b = None if bias is None else bias.to(ctx.compute)
+        for rows, cols, tile in _tiles(hidden, w, b, ctx.chunk_size) if need_h or need_w or need_b else ():
+            gradient_tile(tile, cols.start, targets[rows], lse1[rows], lse_t[rows] if ctx.two_temps else None,
+                          coef1[rows], coef_t[rows] if coef_t is not None else None, coef_target[rows],
+                          ids[rows], at_ids[rows], ctx.inv_t)  # fmt: skip
+            if grad_h is not None:
+                _addmm_acc(grad_h[rows], tile, w[cols])
+            if grad_w is not None:
+                _addmm_acc(grad_w[cols], tile.t(), hidden[rows].to(ctx.compute))
+            if grad_b is not None:
+                grad_b[cols] += tile.sum(0, dtype=acc)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None,
+        )  # fmt: skip
 
 
-def _row_chunks(n: int, rows: int) -> list[slice]:
-    return [slice(start, start + rows) for start in range(0, n, rows)]
+def _tiles(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_size: int | None
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """(positions, vocabulary entries, their logit tile) over all [N, V] logits, one reused buffer; the
+    tile is the caller's to overwrite until the next one is made."""
+    n, v = hidden.shape[0], weight.shape[0]
+    step, width = n if chunk_size is None else min(chunk_size, n), min(VOCAB_TILE, v)
+    buffer = torch.empty((step, width), dtype=weight.dtype, device=hidden.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        h = hidden[rows].to(weight.dtype)
+        for v0 in range(0, v, width):
+            cols = slice(v0, min(v0 + width, v))
+            tile = buffer[: rows.stop - rows.start, : cols.stop - cols.start]
+            torch.mm(h, weight[cols].t(), out=tile)
+            if bias is not None:
+                tile.add_(bias[cols])
+            yield rows, cols, tile
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in acc's dtype (fp32 for bf16 inputs), without rounding a @ b to the inputs' dtype
+    first (TRL's `_addmm_fp32`: summing bf16-rounded products over tiles biases training)."""
+    if acc.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _chunked(

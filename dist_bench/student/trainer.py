@@ -379,6 +379,9 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         save_steps=train.checkpoint_every,
         save_total_limit=train.keep_checkpoints,
         report_to="none",  # metrics go to the stage's own run (StageMetricsCallback)
+        # The filter reads every micro-batch's loss on the host (isnan/isinf): a device sync per step that
+        # stalls the GPU while the CPU queues the next kernels. A NaN loss is logged as NaN instead.
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
     )
