@@ -145,12 +145,17 @@ class SyncScan(TrainerCallback):
     def _record(self, message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
         if "synchronizing" not in str(message):
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+        frames = [  # without torch's own frames and the warning machinery
+            f
+            for f in traceback.extract_stack()[:-1]
+            if not f.filename.startswith(TORCH_DIR) and not f.filename.endswith("warnings.py")
+        ]
         site = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
         self.sites[site] = self.sites.get(site, 0) + 1
 
 
 ORIGINAL_SHOWWARNING = warnings.showwarning
+TORCH_DIR = str(Path(torch.__file__).parent) + "/"
 
 
 class MarkSteps(TrainerCallback):

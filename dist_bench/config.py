@@ -118,10 +118,11 @@ class KDConfig(Strict):
         "renormalize",
         description="renormalize: the teacher's top-k renormalised; bucket: one extra bucket holds the rest",
     )
-    chunk_size: int = Field(
-        1024,
+    chunk_size: int | None = Field(
+        None,
         ge=1,
-        description="positions per chunk of the loss (bucket tail: full-vocabulary logits exist for one chunk at a time)",
+        description="positions per chunk of the loss; unset: 4096 for renormalize (one [chunk, 32768] logit "
+        "tile at a time), 1024 for bucket (whose full-vocabulary fp32 buffers are [chunk, V])",
     )
 
 

@@ -72,6 +72,10 @@ from dist_bench.student.kernels import fold_tile, gradient_tile
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("renormalize", "bucket")
 IMPLS = ("fused", "chunked")
+# Positions per chunk when the config leaves it unset. renormalize: one [4096, VOCAB_TILE] logit tile at a
+# time, TRL's own token tile (on an H200 at vocabulary 151,936: 17.1 ms forward+backward at 4096 against
+# 20.0 ms at 1024, and 16.8 ms for the SFT head; docs/benchmarks.md). bucket: its [chunk, V] fp32 buffers.
+DEFAULT_CHUNK = {"renormalize": 4096, "bucket": 1024}
 VOCAB_TILE = 32768  # the kernel's vocabulary tile: TRL's own (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 REST_EPS = 1e-8  # floor of the teacher's rest-mass (bucket tail): rounding can make 1 - sum p <= 0
 

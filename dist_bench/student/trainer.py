@@ -43,7 +43,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import IGNORE, Example
-from dist_bench.student.losses import VOCAB_TILE, kd_loss
+from dist_bench.student.losses import DEFAULT_CHUNK, VOCAB_TILE, kd_loss
 from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tracking import StageContext
 
@@ -219,7 +219,7 @@ def add_student_head(model: PreTrainedModel, kd: KDConfig | None) -> None:
             divergence=kd.loss,
             jsd_beta=kd.jsd_beta,
             tail=kd.tail,
-            chunk_size=kd.chunk_size,
+            chunk_size=kd.chunk_size or DEFAULT_CHUNK[kd.tail],
         )
         return out.loss * scale, out.ce, out.divergence
 
@@ -384,6 +384,9 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         logging_nan_inf_filter=False,
         disable_tqdm=True,
         dataloader_pin_memory=cuda,
+        # Batches go to the GPU from pinned memory without waiting: a blocking copy stops the host until
+        # the device has drained its queue, every micro-batch.
+        accelerator_config={"non_blocking": cuda},
     )
 
 
