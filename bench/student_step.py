@@ -192,7 +192,9 @@ def project_variant(
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
     examples = [
-        Example(torch.randint(0, shape["vocab_size"], (seq,), generator=generator).tolist(), 1)
+        Example.from_first_target(
+            torch.randint(0, shape["vocab_size"], (seq,), generator=generator).tolist(), 1
+        )
         for _ in range(batch * n_steps)
     ]
     plan = plan_steps(examples, cfg)

@@ -202,7 +202,7 @@ def data_prepare(
 ) -> None:
     """Convert a public dataset, in its real schema, into <out>/<split>.jsonl plus manifest.json."""
     from dist_bench.data.recipes import prepare
-    from dist_bench.dataset import DataError
+    from dist_bench.errors import DataError
 
     try:
         manifest = _guarded(

@@ -47,14 +47,41 @@ class ModelSpec(Strict):
 
 class DataConfig(Strict):
     train: str = Field(
-        description="prompt/completion JSON-lines file, or tinyworld:<split> for the embedded corpus"
+        description="the training data: a JSON-lines file; a Parquet, Arrow or JSON file or a folder of "
+        "them; a datasets save_to_disk folder; a Hugging Face dataset id; or tinyworld:<split> for the "
+        "embedded corpus"
     )
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    split: str = Field(
+        "train",
+        description="split of a Hub dataset, a saved DatasetDict or a folder laid out in splits "
+        "(train-00000-of-00002.parquet); a single file is one split already",
+    )
+    subset: str | None = Field(
+        None, description="Hub dataset config (subset) name, for a Hub id or a downloaded Hub snapshot folder"
+    )
+    format: Literal["prompt_completion", "messages"] = Field(
+        "prompt_completion",
+        description="prompt_completion: two text fields, the loss on the completion; messages: a "
+        "conversation rendered with a chat template, the loss on the assistant turns",
+    )
+    prompt_field: str = Field("prompt", description="format prompt_completion: the prompt's field")
+    completion_field: str = Field(
+        "completion", description="format prompt_completion: the completion's field"
+    )
+    messages_field: str = Field(
+        "messages", description="format messages: the field holding the list of {role, content} messages"
+    )
+    chat_template: str | None = Field(
+        None,
+        description="format messages: a Jinja chat template file (relative paths: to the project), or a "
+        "model id/folder whose tokenizer's template is used; unset: the student tokenizer's own",
+    )
     max_length: int = Field(256, ge=8, description="sequences are truncated to this many tokens")
     max_samples: int | None = Field(None, ge=1, description="use only the first N records")
     supervise: Literal["completion", "all"] = Field(
-        "completion", description="positions that get a loss and cached teacher log-probs"
+        "completion",
+        description="positions that get a loss and cached teacher log-probs: completion = the completion "
+        "(prompt_completion) or the assistant turns (messages); all = every token after the first",
     )
 
 

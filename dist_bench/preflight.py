@@ -452,27 +452,54 @@ def same_vocabulary(teacher: ModelFacts, student: ModelFacts) -> Check:
 @dataclass
 class DataScan:
     records: int  # records the stages will read
-    sample: list[tuple[str, str]]  # (prompt, completion) of the first few, for estimates
+    sample: list[Any]  # dataset.Record of the first few, parsed as the stages parse them, for estimates
     check: Check
+    chat_template: str | None = None  # messages format: the template the stages will render with
 
 
 def data_records(cfg: RunConfig) -> DataScan:
-    """Every record the stages will read, parsed as they will parse it: the first bad line is named."""
-    from dist_bench.dataset import DataError, data_path, read_records
+    """Every record the stages will read, parsed as they will parse it: the first bad one is named.
 
-    sample: list[tuple[str, str]] = []
+    For the messages format also the chat template (data.chat_template, else the student tokenizer's own:
+    a base model has none), and the first records rendered and masked with it, so that a template the
+    stages would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too.
+    """
+    from dist_bench.dataset import chat_template, encode, read_records
+    from dist_bench.errors import DataError
+
+    sample: list[Any] = []
     count = 0
+    template = None
     try:
-        path = data_path(cfg.data)
-        for _, prompt, completion in read_records(cfg.data):
+        shown = tinyworld.resolve(cfg.data.train)
+        tokenizer = None
+        if cfg.data.format == "messages":
+            # The student's tokenizer renders and tokenizes the conversations in training (its template,
+            # special tokens); checked before the data, which may take long to read.
+            tokenizer = model_facts(model_source("student.model", cfg.student), cfg.student).tokenizer
+            template = chat_template(cfg.data, tokenizer)
+        for record in read_records(cfg.data):
             count += 1
             if len(sample) < TOKENIZE_SAMPLE:
-                sample.append((prompt, completion))
+                sample.append(record)
+        if tokenizer is not None:
+            for record in sample:
+                encode(record, tokenizer, cfg.data, template)
     except (DataError, FileNotFoundError) as err:
-        raise PreflightError(f"data.train: {str(err).removeprefix('data.train: ')}") from None
+        text = str(err)
+        raise PreflightError(
+            text if text.startswith(("data.train: ", "data.chat_template: ")) else f"data.train: {text}"
+        ) from None
     except OSError as err:
         raise PreflightError(f"data.train: {cfg.data.train}: cannot be read ({err.strerror})") from None
-    return DataScan(count, sample, Check("data.train", f"{path} ({count} records, every one well-formed)"))
+    where = shown if cfg.data.split == "train" else f"{shown}, split {cfg.data.split}"
+    if cfg.data.subset is not None:
+        where += f", subset {cfg.data.subset}"
+    detail = f"{where} ({count} records, every one well-formed"
+    if template is not None:
+        shown_template = cfg.data.chat_template or f"the tokenizer of {cfg.student.model}"
+        detail += f"; the first {len(sample)} rendered with the chat template of {shown_template}"
+    return DataScan(count, sample, Check("data.train", detail + ")"), template)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
@@ -578,12 +605,15 @@ def _size(n_bytes: float) -> str:
 
 def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
     """The logit cache's size, from the supervised positions of the first records (see logit_cache.py)."""
-    from dist_bench.dataset import tokenize
+    from dist_bench.dataset import encode
+    from dist_bench.errors import DataError
 
     positions = []
-    for prompt, completion in data.sample:
-        example = tokenize(prompt, completion, tokenizer, cfg.data)
-        positions.append(example.supervised_tokens if example else 0)
+    for record in data.sample:
+        try:
+            positions.append(encode(record, tokenizer, cfg.data, data.chat_template).supervised_tokens)
+        except DataError:  # nothing to learn in this record: the stage says so; here it adds no positions
+            positions.append(0)
     mean_positions = sum(positions) / max(len(positions), 1)
     bytes_per_position = cfg.logits.top_k * (4 + (4 if cfg.logits.logprob_dtype == "float32" else 2))
     return int(

@@ -36,14 +36,24 @@ def test_supervise_all_and_truncation(tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
     data = write(tmp_path / "d.jsonl", [{"prompt": "abcdef", "completion": "ghij"}])
     examples = load_examples(DataConfig(train=str(data), supervise="all", max_length=8), tokenizer)
-    assert len(examples[0].input_ids) == 8 and examples[0].first_target == 1
+    assert len(examples[0].input_ids) == 8
+    assert examples[0].supervised == [False] + [True] * 7
+    assert examples[0].labels == [-100, *examples[0].input_ids[1:]] and examples[0].supervised_tokens == 7
 
 
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
         (["{not json"], r"d\.jsonl:1: not valid JSON"),
-        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], r"d\.jsonl:2: field 'completion' missing"),
+        (
+            [{"prompt": "a", "completion": "b"}, {"prompt": "a"}],
+            r"d\.jsonl:2: row 1: field 'completion' missing or not a string$",
+        ),
+        (
+            [{"prompt": "a", "completion": "b"}, "", {"prompt": 7, "completion": "b"}],
+            r"d\.jsonl:3: field 'prompt': a number here, a string on .*d\.jsonl:1 ",
+        ),
+        ([{"question": "a", "answer": "b"}], r"d\.jsonl:1: row 0: field 'prompt' missing \(the data has"),
         ([], r"d\.jsonl: no records"),
     ],
 )
@@ -55,5 +65,5 @@ def test_bad_records_name_file_and_line(tmp_path: Path, rows: list[object], mess
 
 def test_prompt_longer_than_max_length_is_an_error(tmp_path: Path) -> None:
     data = write(tmp_path / "d.jsonl", [{"prompt": "x" * 50, "completion": "y"}])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: prompt fills data.max_length=8"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: row 0: prompt fills data.max_length=8"):
         load_examples(DataConfig(train=str(data), max_length=8), build_tokenizer())

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dist_bench.data.sources import load_rows, open_source
-from dist_bench.dataset import DataError
+from dist_bench.errors import DataError
 
 ROWS = [{"text": "alpha", "n": 1}, {"text": "beta", "n": 2}, {"text": "gamma", "n": 3}]
 
@@ -127,6 +127,16 @@ def test_bad_jsonl_names_file_and_line(tmp_path: Path, lines: list[object], said
     assert data_error(str(tmp_path / "rows.jsonl")) == f"{tmp_path / 'rows.jsonl'}{said}"
 
 
+def test_field_that_changes_type_names_both_lines(tmp_path: Path) -> None:
+    # Valid JSON on every line, but Arrow keeps one type per column: its own error names no line.
+    write_jsonl(tmp_path / "d" / "a.jsonl", [ROWS[0], {"text": None, "n": 2}])
+    write_jsonl(tmp_path / "d" / "b.jsonl", ["", {"text": ["gamma"], "n": 3.5}])
+    assert data_error(str(tmp_path / "d")) == (
+        f"{tmp_path / 'd' / 'b.jsonl'}:2: field 'text': a list here, a string on {tmp_path / 'd' / 'a.jsonl'}:1 "
+        "(a field keeps one type on every line)"
+    )
+
+
 def test_bad_utf8_names_file_line_and_byte(tmp_path: Path) -> None:
     (tmp_path / "rows.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     message = data_error(str(tmp_path / "rows.jsonl"))
@@ -140,7 +150,10 @@ def test_bad_line_in_a_folder_names_that_file(tmp_path: Path) -> None:
 
 
 def test_missing_unknown_empty_and_mixed_sources(tmp_path: Path) -> None:
-    assert data_error(str(tmp_path / "nope.jsonl")) == f"{tmp_path / 'nope.jsonl'}: no such file or folder"
+    assert (
+        data_error(str(tmp_path / "nope.jsonl"))
+        == f"{tmp_path / 'nope.jsonl'}: not found (no such file or folder)"
+    )
     (tmp_path / "rows.csv").write_text("text,n\nalpha,1\n")
     message = data_error(str(tmp_path / "rows.csv"))
     assert (

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dist_bench.data.sources import Row, open_source
-from dist_bench.dataset import DataError
+from dist_bench.errors import DataError
 
 Converted = dict[str, Any] | str  # an output row, or the reason the row is dropped
 

@@ -10,7 +10,8 @@ fit in memory. What it does not do is say where bad input is: its JSON error nam
 So JSON-lines files are pre-scanned line by line first (UTF-8, JSON, one object per line; cheap next to
 the Arrow conversion), and every failure becomes one `DataError` line naming the source, and the file and
 line where known. `open_source` also keeps the row -> file:line map, so a recipe that finds a malformed
-row can say where it is (`Source.where`; `Row`'s typed getters use it).
+row can say where it is (`Source.where`; `Row`'s typed getters use it). `data_files` names the local files
+behind a source without converting them, so the data can be fingerprinted by its bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, NoReturn
 
 import datasets
 
-from dist_bench.dataset import DataError
+from dist_bench.errors import DataError
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "arrow": "arrow"}
@@ -126,13 +127,45 @@ def open_source(source: str, *, split: str = "train", subset: str | None = None)
     Hub's way; a single file or a saved Dataset is one split already. `subset` is a Hub config name, for a
     Hub id or a downloaded snapshot folder (its README.md lists the configs).
     """
+    place = _place(source, split, subset)
+    if place.how in ("hub", "snapshot"):
+        return _from_hub(source, split, subset, local=place.how == "snapshot")
+    if place.how == "saved":
+        return _saved(source, place.path, split)
+    return _from_files(source, place.files, _file_kind(source, place.files))
+
+
+def data_files(source: str, *, split: str = "train", subset: str | None = None) -> list[Path] | None:
+    """The local files holding the rows that open_source(source, split=, subset=) reads, in row order: the
+    data files themselves, or a save_to_disk folder's Arrow files. None where `datasets` picks the files
+    from a dataset card (a Hub id, or a snapshot folder read with `subset`). For hashing what the data is
+    without converting it: only a saved folder is opened (memory-mapped, nothing converted)."""
+    place = _place(source, split, subset)
+    if place.how in ("hub", "snapshot"):
+        return None
+    if place.how == "saved":
+        return [Path(cached["filename"]) for cached in _saved(source, place.path, split).rows.cache_files]
+    _file_kind(source, place.files)  # the same refusal of unknown or mixed kinds as open_source
+    return place.files
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a source is read from, decided from the path alone: open_source and data_files agree on it."""
+
+    how: str  # "hub" (an id), "snapshot" (a downloaded Hub folder, read with its card), "saved", "files"
+    path: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def _place(source: str, split: str, subset: str | None) -> _Place:
     path = Path(source).expanduser()
     if path.exists():
         if subset is not None:
             if (
                 path.is_dir() and (path / "README.md").is_file()
             ):  # a downloaded Hub snapshot: its card's configs
-                return _from_hub(source, split, subset, local=True)
+                return _Place("snapshot", path)
             raise DataError(
                 f"{source}: subset '{subset}' needs a Hub id or a Hub snapshot folder (with its README.md); "
                 "or point at the subset's files"
@@ -141,14 +174,13 @@ def open_source(source: str, *, split: str = "train", subset: str | None = None)
             if any(
                 (path / name).is_file() for name in ("state.json", "dataset_dict.json", "dataset_info.json")
             ):
-                return _saved(source, path, split)
-            files = _folder_files(source, path, split)
-        else:
-            files = [path]
-        return _from_files(source, files, _file_kind(source, files))
+                return _Place("saved", path)
+            return _Place("files", path, _folder_files(source, path, split))
+        return _Place("files", path, [path])
     if _HUB_ID.match(source) and path.suffix.lower() not in SUFFIXES:
-        return _from_hub(source, split, subset)
-    raise DataError(f"{source}: no such file or folder")
+        return _Place("hub", path)
+    # "not found" as in the other missing-input messages (split, model, task data)
+    raise DataError(f"{source}: not found (no such file or folder)")
 
 
 def _saved(source: str, path: Path, split: str) -> Source:
@@ -215,7 +247,10 @@ def _from_files(source: str, files: list[Path], kind: str) -> Source:
         try:
             rows = datasets.load_dataset(BUILDERS[kind], data_files=[str(f) for f in files], split="train")
         except Exception as err:  # Arrow, pandas and datasets errors alike: the file cannot be read as `kind`
-            raise DataError(f"{source}: cannot be read as {kind} ({_describe(err)})") from None
+            # Valid JSON-lines fail here when a field changes type between lines (one column, one type):
+            # say which line and field rather than Arrow's or pandas' words, which name neither.
+            changed = _type_change(files) if kind == "jsonl" else None
+            raise DataError(changed or f"{source}: cannot be read as {kind} ({_describe(err)})") from None
     if lines is not None and len(rows) != sum(len(numbers) for numbers in lines):
         lines = None  # datasets split the lines differently: say `row i` only, never a wrong line
     return Source(source, rows, kind, files, lines)
@@ -263,6 +298,30 @@ def _scan_jsonl(path: Path) -> array:
                 raise DataError(f"{path}:{line_no}: not a JSON object (a JSON {type(value).__name__})")
             numbers.append(line_no)
     return numbers
+
+
+def _type_change(files: list[Path]) -> str | None:
+    """`file:line: field 'f': a number here, a string on file:line` for the first top-level field whose
+    JSON type differs from its first non-null value's (ints and floats are one kind: Arrow widens them);
+    None when there is no such field. Only run after datasets failed: the files were scanned as valid."""
+    first: dict[str, tuple[str, Path, int]] = {}
+    for path in files:
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                if not text.strip():
+                    continue
+                for name, value in json.loads(text).items():
+                    if value is None:
+                        continue
+                    kind = _type_of(value)  # ints and floats are both 'a number'
+                    seen = first.setdefault(name, (kind, path, line_no))
+                    if seen[0] != kind:
+                        return (
+                            f"{path}:{line_no}: field '{name}': {kind} here, {seen[0]} on {seen[1]}:{seen[2]} "
+                            "(a field keeps one type on every line)"
+                        )
+    return None
 
 
 def _locate(index: int, counts: list[int]) -> tuple[int, int]:

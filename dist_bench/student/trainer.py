@@ -144,6 +144,10 @@ class StudentCollator:
         # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would stop
         # the host until the device catches up (it must learn the count), every micro-batch.
         batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+        if "attention_mask" in batch and bool(batch["attention_mask"].all()):
+            # No padding: without a mask HF's sdpa path runs plain causal attention. With one it checks on
+            # the device whether the mask is all ones (`_ignore_causal_mask_sdpa`): a host sync per step.
+            del batch["attention_mask"]
         if self.cache is not None:
             cached = self.cache.rows([int(r["example_index"]) for r in rows])
             batch["teacher_ids"] = self.cache.token_ids[cached].long()

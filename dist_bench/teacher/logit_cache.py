@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_bench import models
 from dist_bench.config import RunConfig, flatten
-from dist_bench.dataset import Example, collate, data_fingerprint, load_examples
+from dist_bench.dataset import Example, chat_template, collate, data_fingerprint, load_examples
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
 STAGE = "logit_caching"
@@ -43,6 +43,12 @@ def run(parent: ParentRun) -> StageResult:
     cfg = parent.cfg
     device = models.pick_device(cfg.train.device)
     tokenizer = models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision, cfg.teacher.trust_remote_code)
+    # The data is encoded as the student will see it: the same vocabulary (pre-flight checks it), but a chat
+    # template, when the config names none, is the student's own, so that the cached positions are
+    # exactly the student's supervised positions.
+    data_tokenizer = models.load_tokenizer(
+        cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code
+    )
     params = {
         **flatten(cfg.teacher.model_dump(), "teacher."),
         **flatten(cfg.data.model_dump(), "data."),
@@ -50,11 +56,16 @@ def run(parent: ParentRun) -> StageResult:
         "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
         "data.fingerprint": data_fingerprint(cfg.data),
         "tokenizer.fingerprint": models.tokenizer_fingerprint(tokenizer),
+        **(
+            {"data.chat_template.sha256": _sha256(chat_template(cfg.data, data_tokenizer))}
+            if cfg.data.format == "messages"
+            else {}
+        ),
         "device": device.type,
     }
 
     def work(ctx: StageContext) -> StageWork:
-        examples = load_examples(cfg.data, tokenizer)
+        examples = load_examples(cfg.data, data_tokenizer)
         teacher = models.load_model(
             cfg.teacher.model, device, cfg.teacher.dtype, cfg.teacher.revision, cfg.teacher.trust_remote_code
         ).eval()
@@ -218,3 +229,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _sha256(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
