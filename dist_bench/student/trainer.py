@@ -371,7 +371,9 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         bf16=train.precision == "bf16" and cuda,
         use_cpu=not cuda,
         gradient_checkpointing=train.gradient_checkpointing,
-        padding_free=train.packing,
+        # train.packing is done by our collator (TRL's padding-free collator inside StudentCollator): TRL's
+        # own flag refuses a custom collator, and ours must add the supervised positions and teacher rows.
+        padding_free=False,
         max_length=None,  # the data layer truncates to data.max_length; TRL must not drop or cut rows
         dataset_kwargs={"skip_prepare_dataset": True},
         shuffle_dataset=False,
