@@ -1,6 +1,7 @@
 """Run the tiny-world KD pipeline on a CUDA GPU and dump what the stage runs recorded, as JSON.
 
     python bench/pipeline_on_gpu.py --out $OUT          (on the GPU machine; results: docs/benchmarks.md)
+    python bench/pipeline_on_gpu.py --out $OUT pipeline=sft      (the SFT pipeline instead)
 
 Checks the CUDA code paths (bf16 autocast training, teacher caching on the GPU, lm-eval on cuda) and that
 every stage's GPU energy comes from NVML's energy counter, against a local sqlite MLflow store.
@@ -31,7 +32,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.out / 'mlflow.db'}")
     cfg = load_config(None, [*GPU, f"output.run_dir={args.out / 'runs'}", *args.overrides])
     started = time.time()
-    parent = pipeline.kd(cfg)
+    parent = pipeline.sft(cfg) if cfg.pipeline == "sft" else pipeline.kd(cfg)
     wall = time.time() - started
     client = MlflowClient()
     stages = {}
