@@ -144,6 +144,10 @@ class StudentCollator:
         # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would stop
         # the host until the device catches up (it must learn the count), every micro-batch.
         batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+        if not self.padding_free:
+            # Positions 0, 1, ... in every row, which the model counts itself. Given, they make HF's mask
+            # code look for packed sequences in them on the device: a host sync per step.
+            batch.pop("position_ids", None)
         if "attention_mask" in batch and bool(batch["attention_mask"].all()):
             # No padding: without a mask HF's sdpa path runs plain causal attention. With one it checks on
             # the device whether the mask is all ones (`_ignore_causal_mask_sdpa`): a host sync per step.
