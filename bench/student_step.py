@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -67,6 +68,7 @@ class Meter:
             self.nvml = pynvml
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
         self.marks: list[tuple[float, float | None]] = []
+        self.step_ends: list[float] = []  # host clock at the end of every timed step (no device sync)
 
     def mark(self) -> None:
         if self.device.type == "cuda":
@@ -87,6 +89,11 @@ class Meter:
             out["avg_W"] = (e1 - e0) / (t1 - t0)
         if self.device.type == "cuda":
             out["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 1e9
+        # Step to step on the host clock: a round slow throughout vs one with stalls. (A host sync per step,
+        # in HF's mask code for every variant, keeps the host within one step of the device.)
+        times = sorted(1000 * (b - a) for a, b in itertools.pairwise([t0, *self.step_ends, t1]))
+        if times:
+            out.update(step_ms_min=times[0], step_ms_median=statistics.median(times), step_ms_max=times[-1])
         return out
 
 
@@ -119,6 +126,8 @@ def plain_variant(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if warmup <= step < warmup + steps - 1:
+            meter.step_ends.append(time.perf_counter())
     meter.mark()
     return meter, sum(p.numel() for p in model.parameters())
 
@@ -163,6 +172,8 @@ class MarkSteps(TrainerCallback):
         self.meter, self.warmup, self.last = meter, warmup, last
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.warmup < state.global_step < self.last:
+            self.meter.step_ends.append(time.perf_counter())
         if state.global_step in (self.warmup, self.last):
             self.meter.mark()
 
