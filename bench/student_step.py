@@ -12,8 +12,8 @@ supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one
 For each: tokens/s and s/step over the timed steps (after warm-up, device synchronised at both ends), MFU
 (6 x parameters x tokens/s over the GPU's dense bf16 peak), mJ per token from the NVML energy counter, and
 peak allocated memory. `--repeats R` runs the variants R times, interleaved, and reports each figure's median
-(the ratios are medians of each round's ratio): lent machines differ by ~10% from call to call and drift
-within one. `--sync-scan` first runs a few steps of each project variant with CUDA's sync debug mode and
+(the ratios are medians of each round's ratio) and the ratio of each variant's fastest round: lent
+machines differ by ~10% from call to call and drift within one, and interference only slows a round down. `--sync-scan` first runs a few steps of each project variant with CUDA's sync debug mode and
 lists every place that stops the host until the device catches up (what makes a step host-bound).
 The issue's goals: project_sft >= 0.95 x plain_chunked; project_kd >= 0.97 x
 project_sft in tokens/s with peak memory <= 1.05 x project_sft's.
@@ -313,6 +313,15 @@ def main() -> None:
         if {a, b} <= set(names) and key in rounds[0][a]
     }
     ratios = {ratio: median(values) for ratio, values in per_round.items()}
+    # Interference on a shared machine only ever slows a round down, so each variant's fastest round is the
+    # closest to what its code costs: the ratio of the best rounds is reported beside the median.
+    best = {
+        ratio: max(r[a][key] for r in rounds) / max(r[b][key] for r in rounds)
+        if key == "tok_per_s"
+        else min(r[a][key] for r in rounds) / min(r[b][key] for r in rounds)
+        for ratio, (a, b, key) in wanted.items()
+        if ratio in per_round
+    }
     report = {
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "shape": shape, "batch": batch, "seq": seq,
@@ -323,12 +332,13 @@ def main() -> None:
         "variants": results,
         "ratios": ratios,
         "ratios_per_round": per_round,
+        "ratios_of_best_rounds": best,
         "sync_scan": scans,
         "goals": {"project_sft_vs_plain_chunked": ">= 0.95", "project_kd_vs_project_sft": ">= 0.97",
                   "project_kd_peak_mem_vs_project_sft": "<= 1.05"},
     }  # fmt: skip
     (args.out / "student_step.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps({"median": ratios, "best_rounds": best}, indent=2))
 
 
 if __name__ == "__main__":
