@@ -66,7 +66,8 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
 @app.command("sft")
 def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """SFT student training on the data -> evaluation (the same trainer, precision and token budget as kd)."""
+    """Teacher-written data (generation.enabled) or the data itself -> SFT student training -> evaluation
+    (the same trainer, precision and token budget as kd)."""
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "sft")
     from dist_bench import pipeline
@@ -76,6 +77,17 @@ def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
         run = _guarded(lambda: pipeline.sft(cfg, checks), passthrough=(PrerunFailed,))
     except PrerunFailed as err:
         _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
+    _print_stages(run)
+
+
+@app.command("generate")
+def generate(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """The teacher writes completions for the data's prompts, filtered (a later sft with the same settings reuses it)."""
+    cfg = _load(config, overrides)
+    checks = _preflight(cfg, "generate")
+    from dist_bench import pipeline
+
+    run = _guarded(lambda: pipeline.generate(cfg, checks))
     _print_stages(run)
 
 
@@ -155,7 +167,7 @@ def prerun_(
 @app.command("validate")
 def validate(
     pipeline: Annotated[
-        Literal["kd", "sft", "cache_logits", "eval", "prerun", "report"],
+        Literal["kd", "sft", "generate", "cache_logits", "eval", "prerun", "report"],
         typer.Argument(help="what would be run"),
     ],
     config: ConfigOption = None,

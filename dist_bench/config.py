@@ -153,6 +153,70 @@ class KDConfig(Strict):
     )
 
 
+class FiltersConfig(Strict):
+    """Which generated completions the student learns from (dist_bench/generation/filters.py). Applied in
+    this order; each reports what it saw, kept and dropped."""
+
+    empty: bool = Field(True, description="drop completions that are empty or only whitespace")
+    truncated: bool = Field(
+        True, description="drop completions cut off by generation.max_new_tokens (finish reason 'length')"
+    )
+    min_tokens: int | None = Field(None, ge=0, description="drop completions of fewer tokens than this")
+    max_tokens: int | None = Field(None, ge=1, description="drop completions of more tokens than this")
+    refusal_patterns: list[str] = Field(
+        default_factory=list,
+        description="regular expressions (Python re, case-insensitive); a completion matching any is dropped",
+    )
+    verify: Literal["none", "gsm8k", "boxed", "exact", "auto"] = Field(
+        "none",
+        description="rejection sampling against the prompt's reference answer: keep a completion only when "
+        "its answer (gsm8k: the number after '####'; boxed: the last \\boxed{...}; exact: the whole text, "
+        "whitespace collapsed; auto: whichever of the three the reference's own form calls for) equals the "
+        "reference's",
+    )
+    dedupe: Literal["none", "exact", "near"] = Field(
+        "exact",
+        description="drop repeated completions of one prompt: exact (same text after whitespace "
+        "normalisation) or near (MinHash-estimated Jaccard of word n-grams >= near_threshold)",
+    )
+    near_threshold: float = Field(0.9, gt=0, le=1, description="dedupe=near: Jaccard similarity threshold")
+    ngram: int = Field(3, ge=1, description="dedupe=near: words per n-gram")
+    max_per_prompt: int | None = Field(
+        None,
+        ge=1,
+        description="keep at most this many completions per prompt (the first ones by sample index)",
+    )
+
+
+class GenerationConfig(Strict):
+    """Stage teacher_generation: the teacher writes the SFT data (dist_bench/teacher/generation.py)."""
+
+    enabled: bool = Field(
+        False,
+        description="sft pipeline: the teacher writes completions for data.train's prompts and the student "
+        "trains on the filtered ones; false: the student trains on data.train as it is",
+    )
+    n: int = Field(1, ge=1, description="completions per prompt")
+    temperature: float = Field(0.0, ge=0, description="0: greedy decoding")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (sampling only)")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely tokens (sampling only)")
+    max_new_tokens: int = Field(
+        256, ge=1, description="completions stop here at the latest (finish reason 'length')"
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="strings that end a completion (excluded from it; finish reason 'stop')",
+    )
+    seed: int | None = Field(None, description="sampling seed; unset: the run's seed")
+    batch_size: int = Field(64, ge=1, description="prompts per generate call (batched by prompt length)")
+    shard_size: int = Field(256, ge=1, description="prompts per output shard; resume granularity")
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts of data.train")
+    backend: Literal["auto", "generate"] = Field(
+        "auto", description="decode path; auto = the fastest available here (today: batched generate)"
+    )
+    filters: FiltersConfig = FiltersConfig()
+
+
 class EvalConfig(Strict):
     tasks: list[str] = Field(min_length=1, description="lm-eval task names (local YAMLs in task_dir)")
     task_dir: str = Field(
@@ -244,6 +308,7 @@ class RunConfig(Strict):
     logits: LogitCacheConfig = LogitCacheConfig()
     train: TrainConfig
     kd: KDConfig = KDConfig()
+    generation: GenerationConfig = GenerationConfig()
     eval: EvalConfig
     energy: EnergyConfig = EnergyConfig()
     prerun: PrerunConfig = PrerunConfig()

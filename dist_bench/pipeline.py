@@ -1,7 +1,8 @@
 """Pipelines: each entry point is a parent MLflow run whose stages are nested child runs.
 
     kd            prerun? -> logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
-    sft           prerun? -> student_train -> eval                       (dist-bench sft / mlflow run . -e sft)
+    sft           prerun? -> teacher_generation? -> student_train -> eval  (dist-bench sft / mlflow run . -e sft)
+    generate      teacher_generation                          (dist-bench generate)
     prerun        prerun: idle baseline, burn-in, sampling check, hardware (dist-bench prerun)
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
@@ -19,7 +20,7 @@ from dist_bench import preflight, prerun
 from dist_bench.config import RunConfig
 from dist_bench.evaluation import stage as eval_stage
 from dist_bench.student import stage as student_stage
-from dist_bench.teacher import logit_cache
+from dist_bench.teacher import generation, logit_cache
 from dist_bench.tracking import ParentRun, pipeline_run
 
 
@@ -48,17 +49,30 @@ def kd(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun
 
 
 def sft(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
-    """The student trained on the data itself (teacher-written data comes with teacher_generation)."""
+    """The student trained on teacher-written completions of the data's prompts (generation.enabled), or on
+    the data itself."""
     checks = preflight.sft(cfg) if checks is None else checks
     with pipeline_run(cfg, "sft", cfg.name, _identity_tags(cfg), checks) as parent:
         if cfg.prerun.enabled:
             prerun.run_stage(parent)
-        student = student_stage.run(parent)
+        data = None
+        if cfg.generation.enabled:
+            written = generation.run(parent)
+            data = generation.training_data(cfg.data, written.outputs["train_data"])
+        student = student_stage.run(parent, data=data)
         eval_stage.run(
             parent,
             model=str(student.outputs["final_model"]),
             fingerprint=student.fingerprints["final_model"],
         )
+    return parent
+
+
+def generate(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+    """The teacher_generation stage alone; a later `sft` with the same generation settings reuses it."""
+    checks = preflight.generate(cfg) if checks is None else checks
+    with pipeline_run(cfg, "generate", f"{cfg.name}-generate", _identity_tags(cfg), checks) as parent:
+        generation.run(parent)
     return parent
 
 

@@ -25,7 +25,7 @@ from dist_bench import tinyworld
 from dist_bench.config import EvalConfig, ModelSpec, RunConfig
 from dist_bench.redact import redact
 
-PIPELINES = ("kd", "sft", "cache_logits", "eval", "prerun", "report")
+PIPELINES = ("kd", "sft", "generate", "cache_logits", "eval", "prerun", "report")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # tracking.py uses the same (it imports mlflow; this must not)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -56,6 +56,8 @@ def run(
         return sft(cfg)
     if pipeline == "cache_logits":
         return cache_logits(cfg)
+    if pipeline == "generate":
+        return generate(cfg)
     if pipeline == "eval":
         if not eval_model:
             raise PreflightError("--model: required for the eval pipeline")
@@ -99,9 +101,77 @@ def sft(cfg: RunConfig) -> list[Check]:
     student_source = model_source("student.model", cfg.student)
     data = data_records(cfg)
     checks += [student_source.check, data.check]
+    if cfg.generation.enabled:  # the teacher writes the data first
+        checks += teacher_generation(cfg, data)
     checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     student = model_facts(student_source, cfg.student)
     return [*checks, eval_tasks(cfg.eval, student)]
+
+
+def generate(cfg: RunConfig) -> list[Check]:
+    """teacher_generation alone: the teacher, the prompts, the decoding and filter settings."""
+    checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
+    data = data_records(cfg)
+    checks += [data.check, *teacher_generation(cfg, data), device("train.device", cfg.train.device)]
+    return checks
+
+
+def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
+    """The teacher loads, the filters' settings are valid, the prompts and completions fit its context."""
+    from dist_bench.generation.filters import check_filters
+
+    source = model_source("teacher.model", cfg.teacher)
+    teacher = model_facts(source, cfg.teacher)
+    gen = cfg.generation
+    try:
+        check_filters(gen.filters)
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
+    for at, stop in enumerate(gen.stop):
+        if not stop:
+            raise PreflightError(
+                f"generation.stop[{at}]: empty string (it would end every completion at once)"
+            )
+    if cfg.data.format == "messages" and not cfg.data.chat_template and not teacher.tokenizer.chat_template:
+        raise PreflightError(
+            f"data.chat_template: the teacher {cfg.teacher.model} has no chat template to render the prompts "
+            "with; set data.chat_template"
+        )
+    longest = max((_teacher_prompt_tokens(teacher, cfg, record) for record in data.sample), default=0)
+    context = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and longest + gen.max_new_tokens > context:
+        raise PreflightError(
+            f"generation.max_new_tokens: {gen.max_new_tokens} new tokens after a prompt of {longest} tokens "
+            f"exceed the teacher's context of {context} tokens"
+        )
+    decoding = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}, top_p {gen.top_p}"
+    return [
+        source.check,
+        Check(
+            "generation",
+            f"{gen.n} completion(s) per prompt, {decoding}, up to {gen.max_new_tokens} new tokens "
+            f"(longest sampled prompt {longest} tokens, teacher context {context}); filters valid",
+        ),
+    ]
+
+
+def _teacher_prompt_tokens(teacher: ModelFacts, cfg: RunConfig, record: Any) -> int:
+    if cfg.data.format != "messages":
+        return len(teacher.tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
+    conversation = list(record.messages)
+    if conversation and conversation[-1]["role"] == "assistant":
+        conversation.pop()  # the reference answer, not part of the prompt
+    text = teacher.tokenizer.apply_chat_template(
+        conversation, chat_template=cfg.data.chat_template and _template_text(cfg, teacher),
+        add_generation_prompt=True, tokenize=False,
+    )  # fmt: skip
+    return len(teacher.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_text(cfg: RunConfig, teacher: ModelFacts) -> str:
+    from dist_bench.dataset import chat_template
+
+    return chat_template(cfg.data, teacher.tokenizer)
 
 
 def pipeline_matches(cfg: RunConfig, pipeline: str) -> Check:

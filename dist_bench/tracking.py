@@ -284,6 +284,10 @@ def _run(
             done = work(ctx)
         energy = prior + window.reading if prior else window.reading
         metrics = {**stage_metrics(energy, done.tokens), **done.metrics}
+        if done.metrics.get("decode_tokens"):  # a generating stage: what one new token cost
+            decode = done.metrics["decode_tokens"]
+            names = {"total_energy_j": "j_per_generated_token", "gpu_energy_j": "gpu_j_per_generated_token"}
+            metrics.update({per: metrics[name] / decode for name, per in names.items() if name in metrics})
         summary = _stage_summary(stage, run_id, started, energy, done, metrics, bool(prior), stage_dir)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(stage_tags(energy))

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from dist_bench import models
-from dist_bench.config import RunConfig, flatten
+from dist_bench.config import DataConfig, RunConfig, flatten
 from dist_bench.dataset import DataError, data_fingerprint, load_examples
 from dist_bench.student.trainer import build_trainer, last_complete_checkpoint, plan_counts, plan_steps
 from dist_bench.teacher.logit_cache import TopKCache
@@ -36,9 +36,10 @@ class VocabMismatch(DataError):
     """Teacher and student cannot be distilled by logits: different vocabularies."""
 
 
-def run(parent: ParentRun, cache: StageResult | None = None) -> StageResult:
-    """KD when `cache` (the logit_caching stage's result) is given, SFT otherwise."""
-    cfg = parent.cfg
+def run(parent: ParentRun, cache: StageResult | None = None, data: DataConfig | None = None) -> StageResult:
+    """KD when `cache` (the logit_caching stage's result) is given, SFT otherwise. `data`: what to train on
+    instead of the config's data.* (the teacher_generation stage's kept completions)."""
+    cfg = parent.cfg if data is None else parent.cfg.model_copy(update={"data": data})
     method = "sft" if cache is None else "kd"
     params = {
         "method": method,

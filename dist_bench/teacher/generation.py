@@ -1,0 +1,211 @@
+"""Stage `teacher_generation`: the teacher writes completions for the data's prompts; filters pick the ones
+the student learns from.
+
+    dist-bench generate --config configs/experiments/tiny_sft.yaml      (the stage alone)
+    dist-bench sft --config configs/experiments/tiny_sft.yaml           (then student_train on its output)
+
+Prompts are data.train's records: the prompt of a prompt/completion record (its completion is the
+reference answer for verification), or a conversation up to its last assistant turn (that turn is the
+reference). Layout under `<stage dir>/generation/`:
+
+    shards/shard-00000.jsonl   generation.shard_size prompts' rows, one per completion: prompt_id, sample,
+                               prompt (text or messages), completion, finish_reason, prompt_tokens,
+                               completion_tokens, reference, teacher, decoding; written whole (temporary
+                               name, then renamed), so a shard that exists is complete
+    train.jsonl                the completions every filter kept, in data.format (what student_train reads)
+    filter_report.json         per filter: seen, kept, dropped, settings
+    manifest.json              written last: counts, shard hashes, teacher, decoding
+
+A killed stage resumes at the first missing shard; each batch's seed is fixed by the config (see
+local.py), so with greedy decoding, or sampling on CPU, the output is byte-identical to an uninterrupted
+run. Unfiltered shards stay for audit. The filters are part of this stage's inputs: changing one
+regenerates; changing only a training setting reuses the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dist_bench import models
+from dist_bench.config import DataConfig, RunConfig, flatten
+from dist_bench.dataset import chat_template, data_fingerprint, read_records
+from dist_bench.errors import DataError
+from dist_bench.generation.filters import Generated, apply_filters
+from dist_bench.teacher.interface import Decoding, Prompt, Teacher
+from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
+
+STAGE = "teacher_generation"
+FORMAT = "dist-bench-generation/1"
+
+
+def run(parent: ParentRun) -> StageResult:
+    cfg = parent.cfg
+    device = models.pick_device(cfg.train.device)
+    params = {
+        **flatten(cfg.teacher.model_dump(), "teacher."),
+        **flatten(cfg.data.model_dump(), "data."),
+        **flatten(cfg.generation.model_dump(), "generation."),
+        "generation.seed": str(seed_of(cfg)),
+        "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
+        "data.fingerprint": data_fingerprint(cfg.data),
+        "device": device.type,
+    }
+
+    def work(ctx: StageContext) -> StageWork:
+        from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
+
+        template = None
+        if cfg.data.format == "messages":  # the teacher's own template unless the config names one
+            template = chat_template(cfg.data, models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision))
+        teacher = LocalTeacher.load(cfg, device, template)
+        return generate(teacher, cfg, ctx.stage_dir / "generation", ctx.commit_energy)
+
+    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model})
+
+
+def seed_of(cfg: RunConfig) -> int:
+    return cfg.generation.seed if cfg.generation.seed is not None else cfg.seed
+
+
+def read_prompts(cfg: RunConfig) -> list[Prompt]:
+    """data.train's prompts (the first generation.max_prompts), each with its reference answer."""
+    prompts = []
+    for record in read_records(cfg.data):
+        if len(prompts) == cfg.generation.max_prompts:
+            break
+        if cfg.data.format == "messages":
+            conversation = list(record.messages)
+            reference = None
+            if conversation and conversation[-1]["role"] == "assistant":
+                reference = conversation.pop()["content"]
+            prompts.append(Prompt(len(prompts), messages=conversation, reference=reference))
+        else:
+            prompts.append(Prompt(len(prompts), text=record.prompt, reference=record.completion))
+    return prompts
+
+
+def generate(
+    teacher: Teacher, cfg: RunConfig, out: Path, on_shard_committed: Callable[[], None] = lambda: None
+) -> StageWork:
+    """Every missing shard, then the filters over all of them; the stage's outputs and metrics."""
+    gen = cfg.generation
+    prompts = read_prompts(cfg)
+    decoding = Decoding.from_config(gen)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(prompts) + gen.shard_size - 1) // gen.shard_size
+    for shard in range(n_shards):
+        path = shard_dir / f"shard-{shard:05d}.jsonl"
+        if path.exists():
+            continue
+        chunk = prompts[shard * gen.shard_size : (shard + 1) * gen.shard_size]
+        completions = teacher.generate(chunk, decoding, seed_of(cfg))
+        lines = [
+            _row(prompt, sample, completion, teacher.identity(), decoding)
+            for prompt, samples in zip(chunk, completions, strict=True)
+            for sample, completion in enumerate(samples)
+        ]
+        _write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
+        on_shard_committed()
+
+    rows = [json.loads(line) for shard in range(n_shards) for line in _shard_lines(shard_dir, shard)]
+    kept, report = apply_filters([_generated(row) for row in rows], gen.filters)
+    kept_keys = {(g.prompt_id, g.sample) for g in kept}
+    train = [
+        _training_record(row, cfg.data) for row in rows if (row["prompt_id"], row["sample"]) in kept_keys
+    ]
+    if not train:
+        raise DataError(
+            f"teacher_generation: the filters kept none of {len(rows)} completions "
+            f"(see {out / 'filter_report.json'}); nothing to train on"
+        )
+    _write_atomic(out / "train.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in train).encode())
+    _write_atomic(out / "filter_report.json", json.dumps(report.to_json(), indent=2).encode())
+    prefill = sum(row["prompt_tokens"] for row in rows)  # each of the n samples reads its prompt
+    decode = sum(row["completion_tokens"] for row in rows)
+    manifest = {
+        "format": FORMAT,
+        "prompts": len(prompts),
+        "completions": len(rows),
+        "kept": len(train),
+        "prefill_tokens": prefill,
+        "decode_tokens": decode,
+        "teacher": teacher.identity(),
+        "decoding": decoding.to_dict(),
+        "seed": seed_of(cfg),
+        "shards": [_sha256(shard_dir / f"shard-{i:05d}.jsonl") for i in range(n_shards)],
+        "train_sha256": _sha256(out / "train.jsonl"),
+    }
+    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return StageWork(
+        tokens=prefill + decode,
+        outputs={"generation": out, "train_data": out / "train.jsonl"},
+        fingerprints={"train_data": manifest["train_sha256"]},
+        metrics={
+            "prompts": len(prompts),
+            "completions": len(rows),
+            "kept_completions": len(train),
+            "prefill_tokens": prefill,
+            "decode_tokens": decode,
+            **report.metrics(),
+        },
+        details={"teacher": teacher.identity(), "decoding": decoding.to_dict(), "shards": n_shards},
+    )
+
+
+def training_data(cfg: DataConfig, train_file: Path) -> DataConfig:
+    """data.* for student_train: the kept completions, in the source's format, all of them."""
+    fields = {"prompt_field": "prompt", "completion_field": "completion", "messages_field": "messages"}
+    return cfg.model_copy(update={"train": str(train_file), "split": "train", "subset": None,
+                                  "max_samples": None, **fields})  # fmt: skip
+
+
+def _row(prompt: Prompt, sample: int, completion: Any, teacher: dict[str, str], decoding: Decoding) -> dict:
+    return {
+        "prompt_id": prompt.id,
+        "sample": sample,
+        "prompt": prompt.text if prompt.text is not None else prompt.messages,
+        "reference": prompt.reference,
+        "completion": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "teacher": teacher,
+        "decoding": decoding.to_dict(),
+    }
+
+
+def _generated(row: dict) -> Generated:
+    return Generated(
+        prompt_id=row["prompt_id"],
+        sample=row["sample"],
+        completion=row["completion"],
+        finish_reason=row["finish_reason"],
+        completion_tokens=row["completion_tokens"],
+        reference=row["reference"],
+    )
+
+
+def _training_record(row: dict, data: DataConfig) -> dict:
+    if data.format == "messages":
+        return {"messages": [*row["prompt"], {"role": "assistant", "content": row["completion"]}]}
+    return {"prompt": row["prompt"], "completion": row["completion"]}
+
+
+def _shard_lines(shard_dir: Path, shard: int) -> list[str]:
+    return (shard_dir / f"shard-{shard:05d}.jsonl").read_text(encoding="utf-8").splitlines()
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,66 @@
+"""What a teacher that writes completions is: the one interface of the local (transformers) teacher and the
+teacher behind an API.
+
+    teacher.generate(prompts, decoding, seed) -> one list of `decoding.n` Completions per prompt
+
+Kept free of torch and transformers so an API teacher needs neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from dist_bench.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The decoding settings every completion row records."""
+
+    n: int
+    temperature: float  # 0: greedy
+    top_p: float
+    top_k: int | None
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: GenerationConfig) -> Decoding:
+        return cls(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, tuple(cfg.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: a text (format prompt_completion) or a conversation ending before an assistant turn."""
+
+    id: int  # index in the prompt set: rows, shards and filters refer to it
+    text: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    reference: str | None = None  # the source's own answer, for answer verification
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str  # without the EOS token and without a stop string that ended it
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    prompt_tokens: int  # tokens of the prompt as the teacher saw it (chat template applied)
+    completion_tokens: int  # tokens the teacher generated for it (EOS included when generated)
+
+
+class Teacher(Protocol):
+    def identity(self) -> dict[str, str]:
+        """What every row records about who wrote it: model, revision or fingerprint, backend."""
+        ...
+
+    def generate(self, prompts: list[Prompt], decoding: Decoding, seed: int) -> list[list[Completion]]:
+        """decoding.n completions for each prompt, in prompt order. Deterministic for a given seed where
+        the backend allows (greedy always; sampling on CPU)."""
+        ...

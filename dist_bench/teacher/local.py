@@ -1,0 +1,131 @@
+"""The local teacher: a transformers model writing completions, batched.
+
+    teacher = LocalTeacher.load(cfg, device)
+    rows = teacher.generate(prompts, Decoding.from_config(cfg.generation), seed)
+
+Prompts are batched by length (longest first, so a batch that does not fit fails at once, and each batch
+pads little), left-padded, and decoded by `model.generate`, whose sampling is transformers' own: the same
+distribution as any `generate` user gets. Per batch the seed is reset from (seed, the batch's first prompt
+id), so a prompt's completions do not depend on which shard or resumed attempt generated it, only on how
+the prompt set is cut into batches, which is fixed by the config.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from dist_bench import models
+from dist_bench.config import RunConfig
+from dist_bench.teacher.interface import Completion, Decoding, Prompt
+
+
+class LocalTeacher:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        chat_template: str | None = None,
+        identity: dict[str, str] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.chat_template = chat_template
+        self._identity = identity or {"model": str(model.name_or_path)}
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    @classmethod
+    def load(cls, cfg: RunConfig, device: torch.device, chat_template: str | None = None) -> LocalTeacher:
+        spec = cfg.teacher
+        model = models.load_model(spec.model, device, spec.dtype, spec.revision, spec.trust_remote_code)
+        tokenizer = models.load_tokenizer(spec.model, spec.revision, spec.trust_remote_code)
+        identity = {
+            "model": spec.model,
+            "revision": spec.revision or "",
+            "fingerprint": models.fingerprint(spec.model, spec.revision),
+            "backend": "transformers.generate",
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
+        return cls(model, tokenizer, cfg.generation.batch_size, chat_template, identity)
+
+    def identity(self) -> dict[str, str]:
+        return dict(self._identity)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's tokens as the teacher sees them: a text as it is, a conversation through the chat
+        template with the assistant's turn opened (add_generation_prompt)."""
+        if prompt.text is not None:
+            return self.tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
+        text = self.tokenizer.apply_chat_template(
+            prompt.messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[Prompt], decoding: Decoding, seed: int) -> list[list[Completion]]:
+        encoded = [self.encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            transformers.set_seed(seed * 1_000_003 + prompts[batch[0]].id)  # torch, CUDA, numpy, random
+            for index, completions in zip(
+                batch, self._generate([encoded[i] for i in batch], decoding), strict=True
+            ):
+                out[index] = completions
+        return out
+
+    @torch.no_grad()
+    def _generate(self, batch: list[list[int]], decoding: Decoding) -> list[list[Completion]]:
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention_mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
+        )
+        sequences = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(decoding),
+            tokenizer=self.tokenizer if decoding.stop else None,  # stop strings are matched on tokens
+        )[:, width:].tolist()
+        results = []
+        for row, ids in enumerate(batch):
+            samples = sequences[row * decoding.n : (row + 1) * decoding.n]
+            results.append([self._completion(new, len(ids), decoding) for new in samples])
+        return results
+
+    def _generation_config(self, decoding: Decoding) -> GenerationConfig:
+        sampling = {} if decoding.greedy else {
+            "temperature": decoding.temperature, "top_p": decoding.top_p, "top_k": decoding.top_k or 0,
+        }  # fmt: skip
+        return GenerationConfig(
+            do_sample=not decoding.greedy,
+            num_return_sequences=decoding.n,
+            max_new_tokens=decoding.max_new_tokens,
+            stop_strings=list(decoding.stop) or None,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling,
+        )
+
+    def _completion(self, new: list[int], prompt_tokens: int, decoding: Decoding) -> Completion:
+        """One generated row (padded after it ended) -> text, why it ended, and the tokens it cost."""
+        end = next((i for i, token in enumerate(new) if token in self.eos_ids), None)
+        if end is not None:
+            body, generated = new[:end], end + 1  # the EOS is generated work too
+        else:  # ended by a stop string (then padded while the batch went on) or by max_new_tokens
+            body = list(new)
+            pad = self.tokenizer.pad_token_id
+            while body and body[-1] == pad:
+                body.pop()
+            generated = len(body)
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        hits = [at for at in (text.find(s) for s in decoding.stop) if at >= 0]
+        if hits:  # generate stopped right after the stop string: cut it off
+            text = text[: min(hits)]
+        reason = "stop" if end is not None or hits else "length"
+        return Completion(text, reason, prompt_tokens, generated)

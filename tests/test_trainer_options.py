@@ -1,0 +1,88 @@
+"""The training options real users set change how a step is computed, never what it computes.
+
+Two optimizer steps of the tiny student, SFT and KD, with each option against the plain configuration:
+the first step's loss (before any update) and gradient norm, and the second step's loss (after one
+update) agree. With `train.packing` the batch is one padding-free row: a sequence attending to the one
+before it in that row, or the last token of one sequence trained to predict the first of the next, would
+change the loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import small_config
+from dist_bench import models, pipeline
+from dist_bench.dataset import load_examples
+from dist_bench.student.trainer import build_trainer, plan_counts, plan_steps
+from dist_bench.teacher.logit_cache import TopKCache
+
+OPTIONS = {
+    "packing": ["train.packing=true"],
+    "gradient_checkpointing": ["train.gradient_checkpointing=true"],
+    "eager_attention": ["train.attn_implementation=eager"],
+}
+
+
+@pytest.fixture(scope="module")
+def kd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny teacher's top-k cache of the small config's data, made once for the module."""
+    workdir = tmp_path_factory.mktemp("cache")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)  # each test's workdir fixture sets its own again
+        return pipeline.cache_logits(small_config(workdir)).stages[0].outputs["logit_cache"]
+
+
+PLAIN: dict[str, tuple[list[dict], object]] = {}  # method -> the plain configuration's two steps
+
+
+def two_steps(workdir: Path, overrides: list[str], cache_dir: Path | None) -> tuple[list[dict], object]:
+    """The per-step logs of two optimizer steps, and the plan's token counts."""
+    cfg = small_config(
+        workdir,
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.batch_size=8",
+        "train.device=cpu",
+        *overrides,
+    )
+    tokenizer = models.load_tokenizer(cfg.student.model)
+    examples = load_examples(cfg.data, tokenizer)
+    plan = plan_steps(examples, cfg)
+    torch.manual_seed(0)
+    model = models.load_model(
+        cfg.student.model, torch.device("cpu"), "float32", attn_implementation=cfg.train.attn_implementation
+    )
+    cache = TopKCache.open(cache_dir) if cache_dir is not None else None
+    out = workdir / ("_".join(overrides).replace("=", "-").replace(".", "-") or "plain")
+    trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, out, None, cache)
+    trainer.args.save_strategy = "no"
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return logs, plan_counts(plan, examples, 2, cfg.train.packing)
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_an_option_computes_the_same_steps(workdir: Path, kd_cache: Path, method: str, option: str) -> None:
+    cache = kd_cache if method == "kd" else None
+    if method not in PLAIN:
+        PLAIN[method] = two_steps(workdir, [], cache)
+    plain, plain_counts = PLAIN[method]
+    changed, counts = two_steps(workdir, OPTIONS[option], cache)
+    assert len(plain) == len(changed) == 2
+    assert changed[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert changed[0]["grad_norm"] == pytest.approx(plain[0]["grad_norm"], rel=1e-4)
+    assert changed[1]["loss"] == pytest.approx(plain[1]["loss"], rel=1e-4)
+    assert changed[1]["loss"] != plain[0]["loss"]  # the first update did move the model
+    if option == "packing":  # padding-free: the hardware computes on the real tokens only
+        assert counts.padded_tokens == counts.tokens < plain_counts.padded_tokens
+    else:
+        assert counts == plain_counts
