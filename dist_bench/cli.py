@@ -43,6 +43,11 @@ FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
 T = TypeVar("T")
 
 
+AblationsFlag = Annotated[
+    bool, typer.Option("--ablations", help="one parent per point of the experiment's ablations grid")
+]
+
+
 @app.command("main")
 def main_(overrides: Overrides = None) -> None:
     """The KD pipeline on the embedded offline tiny world."""
@@ -50,8 +55,10 @@ def main_(overrides: Overrides = None) -> None:
 
 
 @app.command("kd")
-def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def kd(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
+    if ablations:
+        return _sweep(config, overrides, "kd")
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "kd")  # before the heavy imports: bad input fails in seconds
     from dist_bench import pipeline
@@ -65,9 +72,11 @@ def kd(config: ConfigOption = None, overrides: Overrides = None) -> None:
 
 
 @app.command("sft")
-def sft(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def sft(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
     """Teacher-written data (generation.enabled) or the data itself -> SFT student training -> evaluation
     (the same trainer, precision and token budget as kd)."""
+    if ablations:
+        return _sweep(config, overrides, "sft")
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "sft")
     from dist_bench import pipeline
@@ -230,6 +239,20 @@ def data_prepare(
     )
 
 
+def _sweep(config: Path | None, overrides: list[str] | None, pipeline_name: str) -> None:
+    """Every point of the grid, each pre-flight checked before the first runs (pipeline.sweep)."""
+    _load(config, overrides)  # a config error is one line before anything is imported
+    from dist_bench import pipeline
+
+    outer = os.environ.pop("MLFLOW_RUN_ID", None)
+    if outer:  # under `mlflow run`: the run it opened records the sweep; each point is a parent of its own
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_tag(outer, "dist_bench.role", "sweep")
+    for run in _guarded(lambda: pipeline.sweep(config, overrides or [], pipeline_name)):
+        _print_stages(run)
+
+
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
     try:
         cfg = load_config(config, overrides or [])
@@ -344,7 +367,7 @@ def _entry_point_args(argv: list[str]) -> list[str]:
     return args
 
 
-BOOLEAN_FLAGS = ("--quick", "--skip-idle", "--skip-burn-in", "--skip-sampling")
+BOOLEAN_FLAGS = ("--quick", "--skip-idle", "--skip-burn-in", "--skip-sampling", "--ablations")
 
 
 def _boolean_flags(args: list[str]) -> list[str]:

@@ -217,6 +217,30 @@ class GenerationConfig(Strict):
     filters: FiltersConfig = FiltersConfig()
 
 
+class AblationsConfig(Strict):
+    """A grid of settings run as one parent per point (`dist-bench sft --ablations`); stages whose inputs
+    match across points are reused."""
+
+    name: str = Field(
+        min_length=1, description="the sweep's name: tag dist_bench.sweep on every point's parent"
+    )
+    grid: dict[str, list[Any]] = Field(
+        min_length=1,
+        description="dotted config key -> the values it takes; the points are every combination, in the "
+        "order written (e.g. generation.temperature: [0, 0.7, 1.0] and generation.n: [1, 4] make 6)",
+    )
+
+    @field_validator("grid")
+    @classmethod
+    def _values_given(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"'{key}': no values")
+            if key.split(".")[0] in ("ablations", "name", "pipeline"):
+                raise ValueError(f"'{key}': not a setting a sweep can vary")
+        return grid
+
+
 class EvalConfig(Strict):
     tasks: list[str] = Field(min_length=1, description="lm-eval task names (local YAMLs in task_dir)")
     task_dir: str = Field(
@@ -309,6 +333,7 @@ class RunConfig(Strict):
     train: TrainConfig
     kd: KDConfig = KDConfig()
     generation: GenerationConfig = GenerationConfig()
+    ablations: AblationsConfig | None = None
     eval: EvalConfig
     energy: EnergyConfig = EnergyConfig()
     prerun: PrerunConfig = PrerunConfig()

@@ -14,10 +14,12 @@ A stage that already ran with identical inputs is reused (see tracking.execute_s
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 from dist_bench import preflight, prerun
-from dist_bench.config import RunConfig
+from dist_bench.config import ConfigError, RunConfig, load_config
 from dist_bench.evaluation import stage as eval_stage
 from dist_bench.student import stage as student_stage
 from dist_bench.teacher import generation, logit_cache
@@ -32,10 +34,15 @@ def _identity_tags(cfg: RunConfig) -> dict[str, str]:
     }
 
 
-def kd(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
-    """`checks`: the pre-flight pass already run (the CLI runs it before importing this module)."""
+def kd(
+    cfg: RunConfig, checks: list[preflight.Check] | None = None, tags: dict[str, str] | None = None
+) -> ParentRun:
+    """`checks`: the pre-flight pass already run (the CLI runs it before importing this module); `tags`:
+    more tags for the parent (a sweep's point)."""
     checks = preflight.kd(cfg) if checks is None else checks  # every input, before any run or stage
-    with pipeline_run(cfg, "kd", cfg.name, _identity_tags(cfg), checks) as parent:
+    with pipeline_run(
+        cfg, "kd", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+    ) as parent:
         if cfg.prerun.enabled:  # first: a failed required check stops it before any teacher work
             prerun.run_stage(parent)
         cache = logit_cache.run(parent)
@@ -48,11 +55,15 @@ def kd(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun
     return parent
 
 
-def sft(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+def sft(
+    cfg: RunConfig, checks: list[preflight.Check] | None = None, tags: dict[str, str] | None = None
+) -> ParentRun:
     """The student trained on teacher-written completions of the data's prompts (generation.enabled), or on
     the data itself."""
     checks = preflight.sft(cfg) if checks is None else checks
-    with pipeline_run(cfg, "sft", cfg.name, _identity_tags(cfg), checks) as parent:
+    with pipeline_run(
+        cfg, "sft", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+    ) as parent:
         if cfg.prerun.enabled:
             prerun.run_stage(parent)
         data = None
@@ -66,6 +77,43 @@ def sft(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRu
             fingerprint=student.fingerprints["final_model"],
         )
     return parent
+
+
+SWEEP, ABLATION = "dist_bench.sweep", "dist_bench.ablation"
+
+
+def ablation_points(cfg: RunConfig) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every point of cfg.ablations' grid, in the order written."""
+    if cfg.ablations is None:
+        return []
+    keys = list(cfg.ablations.grid)
+    points = []
+    for values in itertools.product(*cfg.ablations.grid.values()):
+        overrides = [f"{key}={json.dumps(value)}" for key, value in zip(keys, values, strict=True)]
+        points.append((",".join(overrides), overrides))
+    return points
+
+
+def sweep(experiment: str | Path | None, overrides: list[str], pipeline: str = "sft") -> list[ParentRun]:
+    """One parent per point of the experiment's ablations grid, tagged dist_bench.sweep and
+    dist_bench.ablation. Every point's config is loaded and pre-flight checked before the first one runs."""
+    base = load_config(experiment, overrides)
+    if base.ablations is None:
+        raise ConfigError(
+            "ablations: --ablations needs an ablations block (name, grid) in the experiment file"
+        )
+    points = [
+        (label, load_config(experiment, [*overrides, *extra])) for label, extra in ablation_points(base)
+    ]
+    checked = [(label, cfg, preflight.run(cfg, pipeline)) for label, cfg in points]
+    run = {"sft": sft, "kd": kd}[pipeline]
+    return [
+        run(cfg, checks, tags={SWEEP: base.ablations.name, ABLATION: label}) for label, cfg, checks in checked
+    ]
+
+
+def _run_name(cfg: RunConfig, tags: dict[str, str] | None) -> str:
+    return f"{cfg.name}[{tags[ABLATION]}]" if tags and ABLATION in tags else cfg.name
 
 
 def generate(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:

@@ -50,7 +50,9 @@ def run(experiments: list[str], output_dir: Path) -> str:
     )
     if not parents:
         raise ValueError(f"no finished pipeline runs in experiment(s) {', '.join(experiments) or '(all)'}")
-    table = build_table([_row_facts(run) for run in parents])
+    rows = [_row_facts(run) for run in parents]
+    rows.sort(key=lambda r: r["sweep"] or "")  # a sweep's points side by side, each group in run order
+    table = build_table(rows)
     markdown = to_markdown(table)
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "table.csv", index=False)
@@ -89,6 +91,8 @@ def _row_facts(run: Any) -> dict[str, Any]:
         "teacher": tags.get("dist_bench.teacher"),
         "student": tags.get("dist_bench.student"),
         "data": tags.get("dist_bench.data"),
+        "sweep": tags.get("dist_bench.sweep"),
+        "ablation": tags.get("dist_bench.ablation"),
         "tokens": metrics.get("total/tokens"),
         "wall_s": metrics.get("total/duration_s"),
         "gpu_kwh": _kwh(metrics.get("total/gpu_energy_j")),
@@ -130,7 +134,20 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             students_of.setdefault(r["teacher_stage_run"], set()).add(r["student_stage_run"])
     records = []
     for r in rows:
-        record = {k: r[k] for k in ("run", "pipeline", "teacher", "student", "data", "tokens", "reused")}
+        record = {
+            k: r[k]
+            for k in (
+                "run",
+                "sweep",
+                "ablation",
+                "pipeline",
+                "teacher",
+                "student",
+                "data",
+                "tokens",
+                "reused",
+            )
+        }
         for role in ROLES:
             record[f"{role}_kwh"] = r[f"{role}_kwh"]
         record.update(
