@@ -68,7 +68,7 @@ def test_a_bad_point_stops_the_sweep_before_any_run(workdir: Path) -> None:
 
 
 def test_the_sft_entry_point_runs_the_sweep(tmp_path: Path) -> None:
-    """`mlflow run . -e sft -P ablations=true` runs this script with `--ablations true`."""
+    """`mlflow run . -e sft -P run_ablations=true` runs this script with `--ablations true`."""
     grid = GRID.replace("    generation.temperature: [0.0, 1.0]\n", "")  # two points: max_steps 2 and 3
     done = subprocess.run(
         [sys.executable, str(PROJECT / "entry_points" / "sft.py"), "--config", str(experiment(tmp_path, grid)),
