@@ -35,7 +35,7 @@ class LocalTeacher:
         self._identity = identity or {"model": str(model.name_or_path)}
         eos = model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
 
     @classmethod
     def load(cls, cfg: RunConfig, device: torch.device, chat_template: str | None = None) -> LocalTeacher:
@@ -65,12 +65,19 @@ class LocalTeacher:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, prompts: list[Prompt], decoding: Decoding, seed: int) -> list[list[Completion]]:
-        encoded = [self.encode(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
-        out: list[list[Completion]] = [[] for _ in prompts]
+        return self.generate_tokens(
+            [self.encode(p) for p in prompts], [p.id for p in prompts], decoding, seed
+        )
+
+    def generate_tokens(
+        self, encoded: list[list[int]], ids: list[int], decoding: Decoding, seed: int
+    ) -> list[list[Completion]]:
+        """`generate` on prompts already tokenized (`ids`: their prompt ids, which fix the batch seeds)."""
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+        out: list[list[Completion]] = [[] for _ in encoded]
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            transformers.set_seed(seed * 1_000_003 + prompts[batch[0]].id)  # torch, CUDA, numpy, random
+            transformers.set_seed(seed * 1_000_003 + ids[batch[0]])  # torch, CUDA, numpy, random
             for index, completions in zip(
                 batch, self._generate([encoded[i] for i in batch], decoding), strict=True
             ):
@@ -107,7 +114,7 @@ class LocalTeacher:
             num_return_sequences=decoding.n,
             max_new_tokens=decoding.max_new_tokens,
             stop_strings=list(decoding.stop) or None,
-            eos_token_id=sorted(self.eos_ids),
+            eos_token_id=sorted(self.eos_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
             **sampling,
         )
