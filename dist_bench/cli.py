@@ -8,7 +8,7 @@
 
     dist-bench validate kd --config ...  # only the pre-flight checks, listed
 
-Every pipeline first runs the pre-flight pass (preflight.py) over all of its inputs, before any MLflow run
+Every pipeline first runs the pre-flight pass (preflight/) over all of its inputs, before any MLflow run
 opens. Every expected failure ends with one line on stderr, credentials masked, and an exit code:
 
     0  done          1  failed while running (the stage is FAILED in MLflow, never FINISHED; prerun gate)

@@ -7,7 +7,7 @@
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
 
-Each first runs its pre-flight pass (preflight.py): bad input stops it before any MLflow run opens.
+Each first runs its pre-flight pass (preflight/): bad input stops it before any MLflow run opens.
 A stage that already ran with identical inputs is reused (see tracking.execute_stage), so running
 `cache_logits` first and `kd` afterwards caches the teacher once.
 """

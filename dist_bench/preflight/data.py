@@ -1,0 +1,172 @@
+"""The training data, the teacher's generation settings and the disk the logit cache will fill."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dist_bench import tinyworld
+from dist_bench.config import RunConfig
+from dist_bench.preflight.base import Check, PreflightError
+from dist_bench.preflight.models import ModelFacts, model_facts, model_source
+
+TOKENIZE_SAMPLE = 256  # records tokenized to estimate the logit cache's size
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataScan:
+    records: int  # records the stages will read
+    sample: list[Any]  # dataset.Record of the first few, parsed as the stages parse them, for estimates
+    check: Check
+    chat_template: str | None = None  # messages format: the template the stages will render with
+
+
+def data_records(cfg: RunConfig) -> DataScan:
+    """Every record the stages will read, parsed as they will parse it: the first bad one is named.
+
+    For the messages format also the chat template (data.chat_template, else the student tokenizer's own:
+    a base model has none), and the first records rendered and masked with it, so that a template the
+    stages would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too.
+    """
+    from dist_bench.dataset import chat_template, encode, read_records
+    from dist_bench.errors import DataError
+
+    sample: list[Any] = []
+    count = 0
+    template = None
+    try:
+        shown = tinyworld.resolve(cfg.data.train)
+        tokenizer = None
+        if cfg.data.format == "messages":
+            # The student's tokenizer renders and tokenizes the conversations in training (its template,
+            # special tokens); checked before the data, which may take long to read.
+            tokenizer = model_facts(model_source("student.model", cfg.student), cfg.student).tokenizer
+            template = chat_template(cfg.data, tokenizer)
+        for record in read_records(cfg.data):
+            count += 1
+            if len(sample) < TOKENIZE_SAMPLE:
+                sample.append(record)
+        if tokenizer is not None:
+            for record in sample:
+                encode(record, tokenizer, cfg.data, template)
+    except (DataError, FileNotFoundError) as err:
+        text = str(err)
+        raise PreflightError(
+            text if text.startswith(("data.train: ", "data.chat_template: ")) else f"data.train: {text}"
+        ) from None
+    except OSError as err:
+        raise PreflightError(f"data.train: {cfg.data.train}: cannot be read ({err.strerror})") from None
+    where = shown if cfg.data.split == "train" else f"{shown}, split {cfg.data.split}"
+    if cfg.data.subset is not None:
+        where += f", subset {cfg.data.subset}"
+    detail = f"{where} ({count} records, every one well-formed"
+    if template is not None:
+        shown_template = cfg.data.chat_template or f"the tokenizer of {cfg.student.model}"
+        detail += f"; the first {len(sample)} rendered with the chat template of {shown_template}"
+    return DataScan(count, sample, Check("data.train", detail + ")"), template)
+
+
+def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
+    """The teacher loads, the filters' settings are valid, the prompts and completions fit its context."""
+    from dist_bench.generation.filters import check_filters
+
+    source = model_source("teacher.model", cfg.teacher)
+    teacher = model_facts(source, cfg.teacher)
+    gen = cfg.generation
+    try:
+        check_filters(gen.filters)
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
+    for at, stop in enumerate(gen.stop):
+        if not stop:
+            raise PreflightError(
+                f"generation.stop[{at}]: empty string (it would end every completion at once)"
+            )
+    if cfg.data.format == "messages" and not cfg.data.chat_template and not teacher.tokenizer.chat_template:
+        raise PreflightError(
+            f"data.chat_template: the teacher {cfg.teacher.model} has no chat template to render the prompts "
+            "with; set data.chat_template"
+        )
+    longest = max((_teacher_prompt_tokens(teacher, cfg, record) for record in data.sample), default=0)
+    context = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and longest + gen.max_new_tokens > context:
+        raise PreflightError(
+            f"generation.max_new_tokens: {gen.max_new_tokens} new tokens after a prompt of {longest} tokens "
+            f"exceed the teacher's context of {context} tokens"
+        )
+    decoding = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}, top_p {gen.top_p}"
+    return [
+        source.check,
+        Check(
+            "generation",
+            f"{gen.n} completion(s) per prompt, {decoding}, up to {gen.max_new_tokens} new tokens "
+            f"(longest sampled prompt {longest} tokens, teacher context {context}); filters valid",
+        ),
+    ]
+
+
+def _teacher_prompt_tokens(teacher: ModelFacts, cfg: RunConfig, record: Any) -> int:
+    if cfg.data.format != "messages":
+        return len(teacher.tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
+    conversation = list(record.messages)
+    if conversation and conversation[-1]["role"] == "assistant":
+        conversation.pop()  # the reference answer, not part of the prompt
+    text = teacher.tokenizer.apply_chat_template(
+        conversation, chat_template=cfg.data.chat_template and _template_text(cfg, teacher),
+        add_generation_prompt=True, tokenize=False,
+    )  # fmt: skip
+    return len(teacher.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_text(cfg: RunConfig, teacher: ModelFacts) -> str:
+    from dist_bench.dataset import chat_template
+
+    return chat_template(cfg.data, teacher.tokenizer)
+
+
+# ---- disk ---------------------------------------------------------------------------------------------
+
+
+def cache_disk(cfg: RunConfig, teacher: ModelFacts, data: DataScan) -> Check:
+    """The disk under output.run_dir holds the logit cache the teacher will write."""
+    planned = planned_cache_bytes(cfg, teacher.tokenizer, data)
+    folder = Path(cfg.output.run_dir).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if planned > free:
+        raise PreflightError(
+            f"output.run_dir: {folder} has {_size(free)} free but the logit cache (logits.top_k={cfg.logits.top_k}, "
+            f"{data.records} records) needs about {_size(planned)}"
+        )
+    return Check("disk", f"logit cache ~{_size(planned)}; {_size(free)} free under {existing}")
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
+
+
+def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
+    """The logit cache's size, from the supervised positions of the first records (see logit_cache.py)."""
+    from dist_bench.dataset import encode
+    from dist_bench.errors import DataError
+
+    positions = []
+    for record in data.sample:
+        try:
+            positions.append(encode(record, tokenizer, cfg.data, data.chat_template).supervised_tokens)
+        except DataError:  # nothing to learn in this record: the stage says so; here it adds no positions
+            positions.append(0)
+    mean_positions = sum(positions) / max(len(positions), 1)
+    bytes_per_position = cfg.logits.top_k * (4 + (4 if cfg.logits.logprob_dtype == "float32" else 2))
+    return int(
+        mean_positions * data.records * bytes_per_position + data.records * 16
+    )  # + offsets, sequence index
