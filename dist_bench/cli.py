@@ -57,36 +57,42 @@ def main_(overrides: Overrides = None) -> None:
 @app.command("kd")
 def kd(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
-    if ablations:
-        return _sweep(config, overrides, "kd")
-    cfg = _load(config, overrides)
-    checks = _preflight(cfg, "kd")  # before the heavy imports: bad input fails in seconds
-    from dist_bench import pipeline
-    from dist_bench.prerun import PrerunFailed
-
-    try:
-        run = _guarded(lambda: pipeline.kd(cfg, checks), passthrough=(PrerunFailed,))
-    except PrerunFailed as err:  # the gate: nothing of the teacher's was started
-        _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
-    _print_stages(run)
+    _student_pipeline("kd", config, overrides, ablations)
 
 
 @app.command("sft")
 def sft(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
     """Teacher-written data (generation.enabled) or the data itself -> SFT student training -> evaluation
     (the same trainer, precision and token budget as kd)."""
-    if ablations:
-        return _sweep(config, overrides, "sft")
+    _student_pipeline("sft", config, overrides, ablations)
+
+
+def _student_pipeline(name: str, config: Path | None, overrides: list[str] | None, ablations: bool) -> None:
+    """kd or sft: pre-flight, then the pipeline, or every point of the config's ablations grid (each
+    pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work."""
     cfg = _load(config, overrides)
-    checks = _preflight(cfg, "sft")
+    checks = None if ablations else _preflight(cfg, name)  # before the heavy imports: bad input fails fast
     from dist_bench import pipeline
     from dist_bench.prerun import PrerunFailed
 
+    def runs() -> list:
+        if not ablations:
+            return [pipeline.kd(cfg, checks) if name == "kd" else pipeline.sft(cfg, checks)]
+        outer = os.environ.pop("MLFLOW_RUN_ID", None)
+        if (
+            outer
+        ):  # under `mlflow run`: the run it opened records the sweep; each point is a parent of its own
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().set_tag(outer, "dist_bench.role", "sweep")
+        return pipeline.sweep(config, overrides or [], name)
+
     try:
-        run = _guarded(lambda: pipeline.sft(cfg, checks), passthrough=(PrerunFailed,))
-    except PrerunFailed as err:
+        done = _guarded(runs, passthrough=(PrerunFailed,))
+    except PrerunFailed as err:  # the gate: nothing of the teacher's was started
         _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
-    _print_stages(run)
+    for run in done:
+        _print_stages(run)
 
 
 @app.command("generate")
@@ -237,20 +243,6 @@ def data_prepare(
         f"{recipe}: {manifest['rows_written']} of {manifest['rows_read']} rows written to "
         f"{out / manifest['output']} (dropped: {dropped})"
     )
-
-
-def _sweep(config: Path | None, overrides: list[str] | None, pipeline_name: str) -> None:
-    """Every point of the grid, each pre-flight checked before the first runs (pipeline.sweep)."""
-    _load(config, overrides)  # a config error is one line before anything is imported
-    from dist_bench import pipeline
-
-    outer = os.environ.pop("MLFLOW_RUN_ID", None)
-    if outer:  # under `mlflow run`: the run it opened records the sweep; each point is a parent of its own
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient().set_tag(outer, "dist_bench.role", "sweep")
-    for run in _guarded(lambda: pipeline.sweep(config, overrides or [], pipeline_name)):
-        _print_stages(run)
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:
