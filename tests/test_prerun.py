@@ -23,6 +23,7 @@ from dist_bench.config import EnergyConfig
 from dist_bench.energy import gpu as gpu_module
 from dist_bench.energy.gpu import uuid_key
 from dist_bench.energy.nvml_sim import PowerTrace, SimulatedGpu, SimulatedNvml, constant, square_wave, steps
+from dist_bench.prerun import validation
 
 FAST = EnergyConfig(codecarbon=False, sample_interval_ms=20)
 SMALL = {"batch_size": 4, "model_dim": 64, "num_layers": 1, "seq_len": 32, "vocab_size": 256}
@@ -254,7 +255,7 @@ def test_quick_run_on_cpu_writes_the_seed_tree_and_the_report_round_trips(
 def test_quick_validation_returns_a_bool(
     tmp_path: Path, no_gpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prerun, "QUICK_BURN_IN_STEPS", 5)
+    monkeypatch.setattr(validation, "QUICK_BURN_IN_STEPS", 5)
     success = prerun.quick_validation(output_dir=tmp_path / "prerun_validation")
     assert success is True
     assert (tmp_path / "prerun_validation" / prerun.REPORT_FILE).exists()
@@ -264,7 +265,7 @@ def test_the_seeds_full_call_reports_the_gpu_mismatch_on_a_simulated_h100(
     tmp_path: Path, simulate: Simulate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     simulate(constant(70.0))
-    monkeypatch.setattr(prerun, "SAMPLING_DURATION_S", 2.0)  # the full 60 s is for real runs
+    monkeypatch.setattr(validation, "SAMPLING_DURATION_S", 2.0)  # the full 60 s is for real runs
     report = prerun.run_prerun_validation(
         output_dir=str(tmp_path / "prerun_validation"),
         idle_duration_minutes=0.02,
