@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_preflight import assert_rejected, dist_bench
 
-from conftest import PROJECT, small_config
+from conftest import PROJECT, SMALL, small_config
 from dist_bench import pipeline
 from dist_bench.teacher import generation
 from dist_bench.teacher.interface import Decoding, Prompt
@@ -142,3 +142,16 @@ def test_bad_generation_settings_stop_before_any_stage(
 ) -> None:
     done = dist_bench(tmp_path, command, "--config", SFT_CONFIG, override)
     assert_rejected(done, tmp_path, culprit)
+
+
+def test_generate_alone_then_sft_reuses_it(tmp_path: Path) -> None:
+    """`dist-bench generate` (what `mlflow run . -e generate` runs), then `dist-bench sft` with the same
+    generation settings: the teacher's work is done once."""
+    args = ["--config", SFT_CONFIG, *SMALL, "generation.max_prompts=16", "generation.batch_size=8",
+            "train.max_steps=2"]  # fmt: skip
+    generated = dist_bench(tmp_path, "generate", *args)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "teacher_generation: ran" in generated.stdout
+    trained = dist_bench(tmp_path, "sft", *args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "teacher_generation: reused" in trained.stdout and "student_train: ran" in trained.stdout
