@@ -74,6 +74,8 @@ def data_records(cfg: RunConfig) -> DataScan:
 def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     """The teacher loads, the filters' settings are valid, the prompts and completions fit its context."""
     from dist_bench.generation.filters import check_filters
+    from dist_bench.teacher.interface import Prompt
+    from dist_bench.teacher.local import encode_prompt
 
     source = model_source("teacher.model", cfg.teacher)
     teacher = model_facts(source, cfg.teacher)
@@ -87,12 +89,15 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
             raise PreflightError(
                 f"generation.stop[{at}]: empty string (it would end every completion at once)"
             )
-    if cfg.data.format == "messages" and not cfg.data.chat_template and not teacher.tokenizer.chat_template:
-        raise PreflightError(
-            f"data.chat_template: the teacher {cfg.teacher.model} has no chat template to render the prompts "
-            "with; set data.chat_template"
-        )
-    longest = max((_teacher_prompt_tokens(teacher, cfg, record) for record in data.sample), default=0)
+    template = _teacher_template(cfg, teacher)
+    messages = cfg.data.format == "messages"
+    longest = max(
+        (
+            len(encode_prompt(teacher.tokenizer, Prompt.from_record(0, r, messages), template))
+            for r in data.sample
+        ),
+        default=0,
+    )
     context = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and longest + gen.max_new_tokens > context:
         raise PreflightError(
@@ -110,23 +115,17 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     ]
 
 
-def _teacher_prompt_tokens(teacher: ModelFacts, cfg: RunConfig, record: Any) -> int:
+def _teacher_template(cfg: RunConfig, teacher: ModelFacts) -> str | None:
+    """The template the teacher renders conversations with (data.chat_template, else its own)."""
     if cfg.data.format != "messages":
-        return len(teacher.tokenizer(record.prompt, add_special_tokens=True)["input_ids"])
-    conversation = list(record.messages)
-    if conversation and conversation[-1]["role"] == "assistant":
-        conversation.pop()  # the reference answer, not part of the prompt
-    text = teacher.tokenizer.apply_chat_template(
-        conversation, chat_template=cfg.data.chat_template and _template_text(cfg, teacher),
-        add_generation_prompt=True, tokenize=False,
-    )  # fmt: skip
-    return len(teacher.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _template_text(cfg: RunConfig, teacher: ModelFacts) -> str:
+        return None
     from dist_bench.dataset import chat_template
+    from dist_bench.errors import DataError
 
-    return chat_template(cfg.data, teacher.tokenizer)
+    try:
+        return chat_template(cfg.data, teacher.tokenizer)
+    except DataError as err:  # already one line starting "data.chat_template:"
+        raise PreflightError(str(err)) from None
 
 
 # ---- disk ---------------------------------------------------------------------------------------------

@@ -136,18 +136,16 @@ class StudentCollator:
     padding_free: bool = False
     cache: TopKCache | None = None
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        collate = DataCollatorForLanguageModeling(
+    def __post_init__(self) -> None:
+        self.collate = DataCollatorForLanguageModeling(
             pad_token_id=self.pad_token_id, padding_free=self.padding_free
         )
-        batch = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
         # Where the supervised positions are, found here on the CPU: a boolean index on the GPU would stop
         # the host until the device catches up (it must learn the count), every micro-batch.
         batch["supervised_index"] = (batch["labels"][:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
-        if not self.padding_free:
-            # Positions 0, 1, ... in every row, which the model counts itself. Given, they make HF's mask
-            # code look for packed sequences in them on the device: a host sync per step.
-            batch.pop("position_ids", None)
         if "attention_mask" in batch and bool(batch["attention_mask"].all()):
             # No padding: without a mask HF's sdpa path runs plain causal attention. With one it checks on
             # the device whether the mask is all ones (`_ignore_causal_mask_sdpa`): a host sync per step.

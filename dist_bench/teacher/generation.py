@@ -33,7 +33,7 @@ from typing import Any
 
 from dist_bench import models
 from dist_bench.config import DataConfig, RunConfig, flatten
-from dist_bench.dataset import chat_template, data_fingerprint, read_records
+from dist_bench.dataset import data_fingerprint, read_records
 from dist_bench.errors import DataError
 from dist_bench.generation.filters import Generated, apply_filters
 from dist_bench.teacher.interface import Decoding, Prompt, Teacher
@@ -59,10 +59,7 @@ def run(parent: ParentRun) -> StageResult:
     def work(ctx: StageContext) -> StageWork:
         from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
 
-        template = None
-        if cfg.data.format == "messages":  # the teacher's own template unless the config names one
-            template = chat_template(cfg.data, models.load_tokenizer(cfg.teacher.model, cfg.teacher.revision))
-        teacher = LocalTeacher.load(cfg, device, template)
+        teacher = LocalTeacher.load(cfg, device)
         return generate(teacher, cfg, ctx.stage_dir / "generation", ctx.commit_energy)
 
     return execute_stage(parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model})
@@ -74,18 +71,11 @@ def seed_of(cfg: RunConfig) -> int:
 
 def read_prompts(cfg: RunConfig) -> list[Prompt]:
     """data.train's prompts (the first generation.max_prompts), each with its reference answer."""
-    prompts = []
+    prompts: list[Prompt] = []
     for record in read_records(cfg.data):
         if len(prompts) == cfg.generation.max_prompts:
             break
-        if cfg.data.format == "messages":
-            conversation = list(record.messages)
-            reference = None
-            if conversation and conversation[-1]["role"] == "assistant":
-                reference = conversation.pop()["content"]
-            prompts.append(Prompt(len(prompts), messages=conversation, reference=reference))
-        else:
-            prompts.append(Prompt(len(prompts), text=record.prompt, reference=record.completion))
+        prompts.append(Prompt.from_record(len(prompts), record, cfg.data.format == "messages"))
     return prompts
 
 

@@ -46,6 +46,20 @@ class Prompt:
     messages: list[dict[str, Any]] = field(default_factory=list)
     reference: str | None = None  # the source's own answer, for answer verification
 
+    @classmethod
+    def from_record(cls, index: int, record: Any, messages: bool) -> Prompt:
+        """A data record (dataset.Record) as a prompt: a prompt/completion record's prompt, its completion
+        the reference; or a conversation up to its last assistant turn, that turn the reference."""
+        if not messages:
+            return cls(index, text=record.prompt, reference=record.completion)
+        conversation = list(record.messages)
+        reference = (
+            conversation.pop()["content"]
+            if conversation and conversation[-1]["role"] == "assistant"
+            else None
+        )
+        return cls(index, messages=conversation, reference=reference)
+
 
 @dataclass(frozen=True)
 class Completion:

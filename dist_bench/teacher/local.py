@@ -18,7 +18,19 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from dist_bench import models
 from dist_bench.config import RunConfig
+from dist_bench.dataset import chat_template
 from dist_bench.teacher.interface import Completion, Decoding, Prompt
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat_template: str | None) -> list[int]:
+    """The prompt's tokens as the teacher sees them: a text as it is, a conversation through the chat
+    template with the assistant's turn opened (add_generation_prompt). Pre-flight measures prompts so too."""
+    if prompt.text is not None:
+        return tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(
+        prompt.messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class LocalTeacher:
@@ -38,10 +50,12 @@ class LocalTeacher:
         self.eos_ids = {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
 
     @classmethod
-    def load(cls, cfg: RunConfig, device: torch.device, chat_template: str | None = None) -> LocalTeacher:
+    def load(cls, cfg: RunConfig, device: torch.device) -> LocalTeacher:
+        """cfg.teacher, rendering conversations with data.chat_template or the teacher's own template."""
         spec = cfg.teacher
         model = models.load_model(spec.model, device, spec.dtype, spec.revision, spec.trust_remote_code)
         tokenizer = models.load_tokenizer(spec.model, spec.revision, spec.trust_remote_code)
+        template = chat_template(cfg.data, tokenizer) if cfg.data.format == "messages" else None
         identity = {
             "model": spec.model,
             "revision": spec.revision or "",
@@ -49,20 +63,13 @@ class LocalTeacher:
             "backend": "transformers.generate",
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
-        return cls(model, tokenizer, cfg.generation.batch_size, chat_template, identity)
+        return cls(model, tokenizer, cfg.generation.batch_size, template, identity)
 
     def identity(self) -> dict[str, str]:
         return dict(self._identity)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """The prompt's tokens as the teacher sees them: a text as it is, a conversation through the chat
-        template with the assistant's turn opened (add_generation_prompt)."""
-        if prompt.text is not None:
-            return self.tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
-        text = self.tokenizer.apply_chat_template(
-            prompt.messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, self.chat_template)
 
     def generate(self, prompts: list[Prompt], decoding: Decoding, seed: int) -> list[list[Completion]]:
         return self.generate_tokens(
