@@ -6,12 +6,18 @@
 Qwen2-1.5B shape (random init, bf16, tied embeddings), prompts of 128 random tokens, 256 sampled new
 tokens each (temperature 0.7; no EOS, so every completion is 256 tokens), the workload of
 `shared/measurements/README.md`:
-- plain_generate_64   `model.generate` on 64 prompts at once: the seed's synthetic-generation loop
-- project_<P>         `LocalTeacher.generate_tokens` (what the teacher_generation stage runs) on P prompts
-                      with generation.batch_size = P
+- plain_generate_64     `model.generate` on 64 prompts at once: the seed's synthetic-generation loop
+- project_<backend>_<P> `LocalTeacher.generate_tokens` (what the teacher_generation stage runs) on P
+                        prompts, generation.batch_size = P, generation.backend = generate or graph (what
+                        `auto` picks on CUDA); the graph variant's time includes its capture
 For each: new tokens/s, mJ per new token from the NVML energy counter (timed region includes prefill; idle
 not subtracted), peak memory, and new tokens per joule relative to plain_generate_64. The issue's goal:
 at least 10x plain_generate_64's new tokens per joule.
+
+`agreement` (before the timed variants): greedy, 64 prompts x 64 new tokens, the graph backend's
+replayed step against the same loop run eagerly (expected identical: the same kernels) and against
+plain `generate` (bf16 numerics differ between the two attention paths, so near-ties may flip; the CPU
+tests check token-for-token equality in fp32).
 """
 
 from __future__ import annotations
@@ -79,14 +85,46 @@ def project_generate(
     tokenizer: PreTrainedTokenizerFast,
     batch: list[list[int]],
     new: int,
+    backend: str,
     meter: Meter,
 ) -> int:
-    teacher = LocalTeacher(model, tokenizer, batch_size=len(batch))
+    teacher = LocalTeacher(model, tokenizer, batch_size=len(batch), backend=backend)
     decoding = Decoding(n=1, temperature=0.7, top_p=1.0, top_k=None, max_new_tokens=new, stop=())
     meter.mark()
     rows = teacher.generate_tokens(batch, list(range(len(batch))), decoding, seed=0)
     meter.mark()
     return sum(c.completion_tokens for samples in rows for c in samples)
+
+
+def greedy_agreement(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, batch: list[list[int]], new: int
+) -> dict:
+    """Greedy tokens of the graph loop, replayed and eager, and of plain `generate`, compared."""
+    decoding = Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None, max_new_tokens=new, stop=())
+    cache_len = max(len(ids) for ids in batch) + new
+    decoder = LocalTeacher(model, tokenizer, batch_size=len(batch), backend="graph")._decoder
+    replayed = decoder.decode(batch, decoding, cache_len)
+    captured = decoder._state.graph is not None
+    decoder.capture, decoder._state = False, None
+    eager = decoder.decode(batch, decoding, cache_len)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor(batch, device=device)
+    plain = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=new,
+        pad_token_id=0,
+    )[:, input_ids.shape[1] :].cpu()  # fmt: skip
+    first_difference = (plain != replayed).int().argmax(dim=1)  # 0 where rows agree throughout
+    agree = (plain == replayed).all(dim=1)
+    return {
+        "captured": captured,
+        "replayed_equals_eager": bool(torch.equal(replayed, eager)),
+        "rows_equal_to_generate": int(agree.sum()),
+        "rows": len(batch),
+        "tokens_equal_to_generate": float((plain == replayed).float().mean()),
+        "median_first_difference": float(first_difference[~agree].float().median())
+        if (~agree).any()
+        else None,
+    }
 
 
 def measure(name: str, run, model: Qwen2ForCausalLM, device: torch.device) -> dict:
@@ -115,13 +153,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on whatever device there is")
-    parser.add_argument("--project-prompts", default="1024", help="comma-separated prompt counts")
+    parser.add_argument(
+        "--variants",
+        default="generate:1024,graph:1024",
+        help="project variants backend:prompts, comma-separated",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape, prompt_len, new = (SMOKE, 16, 8) if args.smoke else (QWEN2_15B, 128, 256)
     model = fresh_model(shape, device)
     tokenizer = word_tokenizer(shape["vocab_size"])
+    agreement = greedy_agreement(model, tokenizer, prompts(64, prompt_len, shape["vocab_size"]), 64)
+    print("agreement", json.dumps(agreement), flush=True)
     results = {
         "plain_generate_64": measure(
             "plain_generate_64",
@@ -130,11 +174,12 @@ def main() -> None:
             device,
         )
     }
-    for count in (int(c) for c in args.project_prompts.split(",")):
-        batch = prompts(count, prompt_len, shape["vocab_size"])
-        results[f"project_{count}"] = measure(
-            f"project_{count}",
-            lambda m, b=batch: project_generate(model, tokenizer, b, new, m),
+    for variant in args.variants.split(","):
+        backend, count = variant.split(":")
+        batch = prompts(int(count), prompt_len, shape["vocab_size"])
+        results[f"project_{backend}_{count}"] = measure(
+            f"project_{backend}_{count}",
+            lambda m, b=batch, k=backend: project_generate(model, tokenizer, b, new, k, m),
             model,
             device,
         )
@@ -150,6 +195,7 @@ def main() -> None:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
         },
+        "agreement": agreement,
         "variants": results,
         "new_tokens_per_J_vs_plain_generate_64": ratios,
         "goal": ">= 10x plain_generate_64's new tokens per joule",

@@ -211,8 +211,11 @@ class GenerationConfig(Strict):
     batch_size: int = Field(64, ge=1, description="prompts per generate call (batched by prompt length)")
     shard_size: int = Field(256, ge=1, description="prompts per output shard; resume granularity")
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts of data.train")
-    backend: Literal["auto", "generate"] = Field(
-        "auto", description="decode path; auto = the fastest available here (today: batched generate)"
+    backend: Literal["auto", "generate", "graph"] = Field(
+        "auto",
+        description="decode path: generate = transformers' model.generate; graph = a static-cache decode "
+        "loop whose step is replayed as a CUDA graph (same forward, warpers and sampling; eager on CPU); "
+        "auto = graph on CUDA, generate elsewhere",
     )
     filters: FiltersConfig = FiltersConfig()
 

@@ -73,9 +73,11 @@ def data_records(cfg: RunConfig) -> DataScan:
 
 def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     """The teacher loads, the filters' settings are valid, the prompts and completions fit its context."""
+    import transformers
+
     from dist_bench.generation.filters import check_filters
     from dist_bench.teacher.interface import Prompt
-    from dist_bench.teacher.local import encode_prompt
+    from dist_bench.teacher.local import encode_prompt, supports_graph
 
     source = model_source("teacher.model", cfg.teacher)
     teacher = model_facts(source, cfg.teacher)
@@ -104,6 +106,13 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
             f"generation.max_new_tokens: {gen.max_new_tokens} new tokens after a prompt of {longest} tokens "
             f"exceed the teacher's context of {context} tokens"
         )
+    if gen.backend == "graph":
+        architecture = (getattr(teacher.config, "architectures", None) or ["?"])[0]
+        if not supports_graph(getattr(transformers, architecture, None)):
+            raise PreflightError(
+                f"generation.backend: graph needs a teacher whose decode step can be captured (transformers "
+                f"marks such models _can_compile_fullgraph); {architecture} is not one: use generate or auto"
+            )
     decoding = "greedy" if gen.temperature == 0 else f"temperature {gen.temperature}, top_p {gen.top_p}"
     return [
         source.check,
