@@ -17,7 +17,7 @@ from test_preflight import assert_rejected, dist_bench
 
 from conftest import PROJECT, SMALL, small_config
 from dist_bench import tinyworld
-from dist_bench.teacher import generation
+from dist_bench.teacher import generation, sampling
 from dist_bench.teacher.interface import Decoding
 from dist_bench.teacher.local import LocalTeacher, resolve_backend
 
@@ -113,17 +113,37 @@ def test_preflight_refuses_graph_for_a_teacher_it_cannot_capture(tmp_path: Path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the captured step")
 def test_the_captured_step_replays_what_the_eager_step_computes(tmp_path: Path) -> None:
     cfg = small_config(tmp_path, *GENERATE, "train.device=cuda")
-    graph = LocalTeacher.load(cfg.model_copy(), torch.device("cuda"))
+    graph = LocalTeacher.load(cfg, torch.device("cuda"))
     assert graph.backend == "graph"  # auto, on CUDA
     prompts = generation.read_prompts(cfg)
-    for decoding in (DECODINGS["greedy"], Decoding(2, 0.7, 0.9, 20, 40, ())):
+    sampled = Decoding(2, 0.7, 1.0, None, 40, ())  # the one-pass race sampler, keyed on the GPU
+    nucleus = Decoding(2, 0.7, 0.9, 20, 40, ())  # transformers' warpers and torch's multinomial
+    for decoding in (DECODINGS["greedy"], sampled, nucleus):
         replayed = graph.generate(prompts, decoding, seed=1)
         assert graph._decoder._state.graph is not None
         graph._decoder.capture, graph._decoder._state = False, None
         eager = graph.generate(prompts, decoding, seed=1)
         graph._decoder.capture, graph._decoder._state = True, None
-        if decoding.greedy:
+        if decoding is not nucleus:  # torch's multinomial draws from other offsets inside a graph
             assert replayed == eager
+        assert {len(row) for row in replayed} == {decoding.n}
+        if decoding.greedy:
             assert [row[0].text for row in replayed] == [p.reference for p in prompts]  # the teacher is right
-        else:  # sampling draws from the graph's own RNG offsets: the same kind of rows, not the same ones
-            assert {len(row) for row in replayed} == {2}
+        if decoding is sampled:
+            assert replayed != graph.generate(prompts, decoding, seed=2)  # the seed matters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton sampler")
+@pytest.mark.parametrize("vocab", [10, 5000])  # one block of columns; two, the second partly outside
+def test_the_race_sampler_draws_from_the_softmax(vocab: int) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(vocab, device="cuda") * 2
+    rows = 200_000
+    drawn = sampling.race_sample(
+        logits.expand(rows, vocab).to(torch.bfloat16), 0.7, torch.tensor([7], device="cuda")
+    )
+    expected = torch.softmax(logits.to(torch.bfloat16).float() / 0.7, -1)
+    reference = torch.multinomial(expected, rows, replacement=True)  # torch's own sampler, same sample size
+    distance = 0.5 * (torch.bincount(drawn, minlength=vocab) / rows - expected).abs().sum()
+    torch_distance = 0.5 * (torch.bincount(reference, minlength=vocab) / rows - expected).abs().sum()
+    assert distance < 1.5 * torch_distance + 0.002, (float(distance), float(torch_distance))

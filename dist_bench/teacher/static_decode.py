@@ -38,6 +38,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dist_bench.teacher import sampling
 from dist_bench.teacher.interface import Decoding
 
 ATTENTION = "dist_bench_grouped_decode"
@@ -79,6 +80,11 @@ AttentionInterface.register(ATTENTION, grouped_query_decode_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def plain_temperature(decoding: Decoding) -> bool:
+    """Sampling with no top-k or top-p: on CUDA, sampling.race_sample draws it in one pass."""
+    return not decoding.greedy and not decoding.top_k and decoding.top_p >= 1.0
+
+
 def warpers(decoding: Decoding) -> LogitsProcessorList:
     """The logits warpers `generate` applies when sampling, in its order and under its conditions."""
     chain = LogitsProcessorList()
@@ -106,6 +112,8 @@ class _State:
     out: torch.Tensor  # [rows, max_new_tokens] new tokens, pad after a row ended
     unfinished: torch.Tensor  # [rows] bool
     eos: torch.Tensor
+    race: bool  # plain temperature sampling on CUDA: sampling.race_sample, keyed by `seed`
+    seed: torch.Tensor  # [1] int64, advanced every step
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -152,13 +160,15 @@ class StaticDecoder:
         state.out.fill_(self.pad_id)
         state.unfinished.fill_(True)
         state.step.zero_()
+        if state.race:  # from the batch's seeded CUDA generator (CPU draws would shift generate's stream)
+            state.seed.copy_(torch.randint(0, 2**62, (1,), device=self.device))
         state.positions.copy_(lengths[:, None] - 1)  # _advance moves it to the first new token's position
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
         logits = self.model(
             input_ids=input_ids, attention_mask=state.mask, position_ids=positions,
             past_key_values=state.cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1].float()  # fmt: skip
-        self._advance(state, self._choose(logits, chain, decoding))
+        ).logits[:, -1]  # fmt: skip
+        self._advance(state, self._choose(state, logits, chain, decoding))
         for step in range(1, decoding.max_new_tokens):
             if step % CHECK_EVERY == 0 and not bool(state.unfinished.any()):
                 break  # every row ended: `generate` stops here too
@@ -186,6 +196,8 @@ class StaticDecoder:
             out=buffer(rows, decoding.max_new_tokens),
             unfinished=buffer(rows, dtype=torch.bool),
             eos=torch.tensor(self.eos_ids or [-1], device=self.device),
+            race=self.device.type == "cuda" and sampling.triton is not None and plain_temperature(decoding),
+            seed=buffer(1),
         )
         return self._state
 
@@ -215,15 +227,20 @@ class StaticDecoder:
         logits = self.model(
             input_ids=state.tokens, attention_mask=state.mask, position_ids=state.positions,
             past_key_values=state.cache, use_cache=True,
-        ).logits[:, -1].float()  # fmt: skip
-        self._advance(state, self._choose(logits, chain, decoding))
+        ).logits[:, -1]  # fmt: skip
+        self._advance(state, self._choose(state, logits, chain, decoding))
 
     @staticmethod
-    def _choose(logits: torch.Tensor, chain: LogitsProcessorList, decoding: Decoding) -> torch.Tensor:
-        """`generate`'s choice of the next token (its `_sample`): warp, then multinomial or argmax."""
-        if decoding.greedy:
+    def _choose(
+        state: _State, logits: torch.Tensor, chain: LogitsProcessorList, decoding: Decoding
+    ) -> torch.Tensor:
+        """`generate`'s choice of the next token (its `_sample`): argmax, or warp the fp32 logits and draw
+        from their softmax (on CUDA without top-k/top-p: the same draw in one pass, sampling.py)."""
+        if decoding.greedy:  # upcasting to fp32 first, as generate does, changes no value: the same argmax
             return torch.argmax(logits, dim=-1)
-        probs = torch.nn.functional.softmax(chain(None, logits), dim=-1)
+        if state.race:
+            return sampling.race_sample(logits, decoding.temperature, state.seed)
+        probs = torch.nn.functional.softmax(chain(None, logits.float()), dim=-1)
         return torch.multinomial(probs, num_samples=1).squeeze(1)
 
     def _advance(self, state: _State, chosen: torch.Tensor) -> None:
@@ -234,3 +251,4 @@ class StaticDecoder:
         state.tokens.copy_(chosen[:, None])
         state.positions.add_(1)
         state.step.add_(1)
+        state.seed.add_(1)  # a new Philox key per step: fresh numbers on every replay
