@@ -106,7 +106,7 @@ def greedy_agreement(
     cache_len = max(len(ids) for ids in batch) + new
     decoder = LocalTeacher(model, tokenizer, batch_size=len(batch), backend="graph")._decoder
     replayed = decoder.decode(batch, decoding, cache_len)
-    captured = decoder._state.graph is not None
+    captured = sorted(decoder._state.graphs)  # the key lengths a graph was captured for
     decoder.capture, decoder._state = False, None
     eager = decoder.decode(batch, decoding, cache_len)
     plain = plain_greedy(model, batch, new)

@@ -17,7 +17,7 @@ from test_preflight import assert_rejected, dist_bench
 
 from conftest import PROJECT, SMALL, small_config
 from dist_bench import tinyworld
-from dist_bench.teacher import generation, sampling
+from dist_bench.teacher import generation, sampling, static_decode
 from dist_bench.teacher.interface import Decoding
 from dist_bench.teacher.local import LocalTeacher, resolve_backend
 
@@ -59,6 +59,26 @@ def test_graph_backend_writes_what_generate_writes(teachers: tuple, name: str) -
             assert stopped.completion_tokens < full.completion_tokens
     assert graph.identity()["backend"] == "transformers.static-cache-graph"
     assert plain.identity()["backend"] == "transformers.generate"
+
+
+def test_reading_the_cache_only_up_to_the_written_slots_changes_nothing(
+    teachers: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps attend over the cache up to the next multiple of KEY_BLOCK past the written slots;
+    with blocks of 8 nearly every step reads a different length, and the rows are still generate's."""
+    plain, graph, prompts = teachers
+    monkeypatch.setattr(static_decode, "KEY_BLOCK", 8)
+    seen: list[int | None] = []
+    attention = static_decode.grouped_query_decode_attention
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(static_decode._key_limit)
+        return attention(*args, **kwargs)
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, static_decode.ATTENTION, spy)
+    for decoding in (DECODINGS["greedy"], DECODINGS["sampled"]):
+        assert graph.generate(prompts, decoding, seed=4) == plain.generate(prompts, decoding, seed=4)
+    assert len({limit for limit in seen if limit is not None}) >= 4
 
 
 def test_batches_of_one_shape_share_one_decoder_state(teachers: tuple) -> None:
@@ -116,11 +136,11 @@ def test_the_captured_step_replays_what_the_eager_step_computes(tmp_path: Path) 
     graph = LocalTeacher.load(cfg, torch.device("cuda"))
     assert graph.backend == "graph"  # auto, on CUDA
     prompts = generation.read_prompts(cfg)
-    sampled = Decoding(2, 0.7, 1.0, None, 40, ())  # the one-pass race sampler, keyed on the GPU
+    sampled = Decoding(2, 1.5, 1.0, None, 40, ())  # the one-pass race sampler, keyed on the GPU
     nucleus = Decoding(2, 0.7, 0.9, 20, 40, ())  # transformers' warpers and torch's multinomial
     for decoding in (DECODINGS["greedy"], sampled, nucleus):
         replayed = graph.generate(prompts, decoding, seed=1)
-        assert graph._decoder._state.graph is not None
+        assert graph._decoder._state.graphs  # captured: one graph per key length the decode reached
         graph._decoder.capture, graph._decoder._state = False, None
         eager = graph.generate(prompts, decoding, seed=1)
         graph._decoder.capture, graph._decoder._state = True, None
