@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,71 @@ class ModelSpec(Strict):
         "auto", description="weights dtype when loading; auto = bfloat16 on a bf16-capable GPU, else float32"
     )
     trust_remote_code: bool = False
+
+
+class ApiPrice(Strict):
+    input_per_million: float = Field(
+        0.0, ge=0, description="price of a million prompt tokens (budget's currency)"
+    )
+    output_per_million: float = Field(
+        0.0, ge=0, description="price of a million completion tokens (budget's currency)"
+    )
+
+
+class ApiTeacherConfig(Strict):
+    """An OpenAI-compatible server that writes the completions (teacher_generation): a hosted model, or a
+    vLLM / SGLang server (`vllm serve <model>`). Settings that do not change the answers (concurrency,
+    pace, retries, price, budget, cache) are not part of the stage's identity: changing them resumes it."""
+
+    base_url: str = Field(description="the API's base URL, e.g. http://127.0.0.1:8000/v1")
+    model: str = Field(min_length=1, description="the model name the server serves")
+    api_key_env: str | None = Field(
+        None,
+        description="name of the environment variable holding the API key (the key itself never goes "
+        "in config, params, tags, artifacts or logs); unset: no key",
+    )
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="chat: /chat/completions with messages (a text prompt as one user turn); "
+        "completions: /completions with the text"
+    )  # fmt: skip
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="seconds before a request counts as timed out")
+    max_retries: int = Field(6, ge=0, description="retries of a request (429, 5xx, timeout, malformed)")
+    price: ApiPrice = Field(ApiPrice(), description="what tokens cost, for spend and budget")
+    budget: float | None = Field(
+        None, ge=0, description="the most this stage may spend, all attempts together; unset: no limit"
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="pace until the server's x-ratelimit-* headers give its own"
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="token pace until the server's x-ratelimit-* headers give its own"
+    )
+    cache: bool = Field(
+        True, description="keep responses across runs (in cache_dir): a rerun pays nothing twice"
+    )
+    cache_dir: str = Field("api-cache", description="the response cache, relative to output.run_dir")
+    energy_j_per_token: float | None = Field(
+        None,
+        ge=0,
+        description="the remote teacher's energy per generated token if known: logged as an estimate, "
+        "labelled 'estimated' (a remote GPU cannot be measured)",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url.rstrip("/")
+
+
+class TeacherSpec(ModelSpec):
+    api: ApiTeacherConfig | None = Field(
+        None,
+        description="generate through an OpenAI-compatible API instead of loading teacher.model "
+        "(teacher_generation only; kd's logit cache needs the local model)",
+    )
 
 
 class DataConfig(Strict):
@@ -334,7 +400,7 @@ class RunConfig(Strict):
         "kd", description="kd: from cached teacher logits; sft: on the data"
     )
     seed: int = 42
-    teacher: ModelSpec
+    teacher: TeacherSpec
     student: ModelSpec
     data: DataConfig
     logits: LogitCacheConfig = LogitCacheConfig()

@@ -216,10 +216,13 @@ def execute_stage(
     work: Callable[[StageContext], StageWork],
     tags: dict[str, str] | None = None,
     reusable: bool = True,
+    gpu_unmeasured: str | None = None,
 ) -> StageResult:
     """Reuse a matching finished run of this stage, or run `work` in a nested, energy-tracked child run.
 
     `reusable=False` for stages that measure the machine as it is now (prerun): never taken from the past.
+    `gpu_unmeasured`: why the stage's GPU energy cannot be measured here (a remote teacher): the GPU
+    figure is then unavailable with that note, not the idle draw of the local GPUs.
     """
     cfg = parent.cfg
     params = {**params, "code_version": code_version()}
@@ -237,7 +240,7 @@ def execute_stage(
             if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
                 shutil.rmtree(stage_dir)
                 stage_dir.mkdir(parents=True)
-            result = _run(parent, stage, key, params, stage_dir, work, tags or {})
+            result = _run(parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured)
     parent.stages.append(result)
     _log_stage_rollup(parent, result)
     return result
@@ -251,6 +254,7 @@ def _run(
     stage_dir: Path,
     work: Callable[[StageContext], StageWork],
     tags: dict[str, str],
+    gpu_unmeasured: str | None = None,
 ) -> StageResult:
     cfg = parent.cfg
     interrupted = _interrupted_attempts(key)
@@ -277,7 +281,12 @@ def _run(
             MlflowClient().set_tag(earlier, "dist_bench.resumed_by", run_id)
         _log_params(run_id, params)
         window = EnergyWindow(
-            cfg.energy, stage_dir, stage, idle_power_w=parent.idle_power_w, idle_source=parent.idle_source
+            cfg.energy,
+            stage_dir,
+            stage,
+            idle_power_w=parent.idle_power_w,
+            idle_source=parent.idle_source,
+            gpu_unmeasured=gpu_unmeasured,
         )
         with window:
             ctx = StageContext(stage, run_id, stage_dir, window, prior)

@@ -282,6 +282,7 @@ def test_all_filters_in_order() -> None:
     assert survivors(kept) == [(0, 5), (0, 7), (1, 0)]
     assert_chain(report)
     assert [(s.name, s.enabled, s.seen, s.kept) for s in report.filters] == [
+        ("failed", True, 12, 12),
         ("empty", True, 12, 11),
         ("truncated", True, 11, 10),
         ("length", True, 10, 8),
@@ -303,7 +304,7 @@ def test_all_filters_in_order() -> None:
     assert list(data) == ["total_in", "total_out", "dropped", "prompts_in", "prompts_out", "filters"]
     assert list(data["filters"][0]) == ["name", "enabled", "seen", "kept", "dropped", "reasons", "settings"]
     assert json.loads(json.dumps(data)) == data  # plain JSON types only
-    assert data["filters"][3]["settings"] == {"patterns": [r"\bI(?:'m| am) sorry\b"]}
+    assert data["filters"][4]["settings"] == {"patterns": [r"\bI(?:'m| am) sorry\b"]}
 
     metrics = report.metrics()
     assert metrics["generation/kept"] == 3.0
@@ -314,6 +315,13 @@ def test_all_filters_in_order() -> None:
     assert metrics["generation/dropped/verify/no_reference"] == 1.0
     assert metrics["generation/prompts_kept"] == 2.0
     assert all(isinstance(value, float) for value in metrics.values())
+
+
+def test_samples_the_teacher_never_wrote_are_dropped_whatever_the_settings() -> None:
+    rows = [row(0, 0, "#### 1"), row(0, 1, "", finish="error"), row(1, 0, "#### 2")]
+    kept, report = apply_filters(rows, only())
+    assert survivors(kept) == [(0, 0), (1, 0)]
+    assert counts(report, "failed") == (True, 3, 2, 1)
 
 
 def test_everything_off_keeps_everything() -> None:
@@ -327,7 +335,9 @@ def test_everything_off_keeps_everything() -> None:
     kept, report = apply_filters(rows, only())
     assert kept == rows
     assert_chain(report)
-    assert all(not step.enabled and step.seen == step.kept == 5 for step in report.filters)
+    failed, *switchable = report.filters
+    assert failed.name == "failed" and failed.enabled and failed.seen == failed.kept == 5  # not a choice
+    assert all(not step.enabled and step.seen == step.kept == 5 for step in switchable)
     assert all(step.reasons == {} for step in report.filters)
     assert report.metrics()["generation/dropped"] == 0.0
 

@@ -162,6 +162,7 @@ class EnergyWindow:
         idle_power_w: float | None = None,
         idle_source: str = "none",
         rapl_root: Path = rapl.DEFAULT_ROOT,
+        gpu_unmeasured: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
@@ -171,7 +172,10 @@ class EnergyWindow:
         self.ended_at: float | None = None
         self.samples: list[Sample] = []  # the power timeline, after exit
         self._idle = (idle_power_w, idle_source)
-        self._gpu = GpuEnergyCounter(nvml) if cfg.enabled else None
+        # gpu_unmeasured: why this stage's GPU work cannot be measured here (a remote teacher); the
+        # local GPUs are then not counted either, since they are not where the work runs
+        self._gpu_unmeasured = gpu_unmeasured
+        self._gpu = GpuEnergyCounter(nvml) if cfg.enabled and gpu_unmeasured is None else None
         self._sampler: PowerSampler | None = None
         self._host: rapl.RaplMeter | CodeCarbonMeter | None = None
         self._host_note: str | None = None
@@ -303,6 +307,8 @@ class EnergyWindow:
             energy, source = integrated, "power_integration"  # pre-Volta: no counter, integration is all
         if gpu is not None and gpu.note and source != "power_integration":
             notes["gpu"] = gpu.note
+        if self._gpu_unmeasured:
+            notes["gpu"] = self._gpu_unmeasured
         if self._sampler is not None and self._sampler.notes:
             notes["gpu_sampler"] = "; ".join(self._sampler.notes.values())
         flags: list[str] = []

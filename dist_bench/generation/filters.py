@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 FIELD = "generation.filters"  # where FiltersConfig sits in the run config; error messages name fields by it
 
 FILTER_ORDER = (
+    "failed",
     "empty",
     "truncated",
     "length",
@@ -75,8 +76,8 @@ MINHASH_SCHEME = "affine32"
 # "x*") can match zero characters in any completion, so it would drop every one.
 _NEUTRAL_PROBE = "The answer is 42."
 
-FinishReason = Literal["stop", "length"]
-_FINISH_REASONS = ("stop", "length")
+FinishReason = Literal["stop", "length", "error"]  # error: no completion came (an API teacher gave up)
+_FINISH_REASONS = ("stop", "length", "error")
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,8 @@ def apply_filters(rows: list[Generated], cfg: FiltersConfig) -> tuple[list[Gener
             counts = {reason: dropped_by.get(reason, 0) for reason in reasons}
         steps.append(FilterStep(name, enabled, seen, len(alive), settings, counts))
 
+    # Not a choice: a sample the teacher never wrote is not training data (kept in the shards for audit)
+    run("failed", True, {}, lambda idx: _per_row(rows, idx, _failed))
     run("empty", cfg.empty, {}, lambda idx: _per_row(rows, idx, _empty))
     run("truncated", cfg.truncated, {}, lambda idx: _per_row(rows, idx, _truncated))
     run(
@@ -280,6 +283,10 @@ def _per_row(rows: list[Generated], alive: list[int], judge: Judge) -> tuple[lis
         else:
             dropped[reason] += 1
     return kept, dropped
+
+
+def _failed(row: Generated) -> str | None:
+    return "failed" if row.finish_reason == "error" else None
 
 
 def _empty(row: Generated) -> str | None:

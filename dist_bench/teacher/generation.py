@@ -45,24 +45,42 @@ FORMAT = "dist-bench-generation/1"
 
 def run(parent: ParentRun) -> StageResult:
     cfg = parent.cfg
+    api = cfg.teacher.api
     device = models.pick_device(cfg.train.device)
+    if api is not None:  # what the answers depend on; pace, budget, price and cache only how they are bought
+        teacher_params = {"teacher.api.base_url": api.base_url, "teacher.api.model": api.model,
+                          "teacher.api.endpoint": api.endpoint}  # fmt: skip
+    else:
+        teacher_params = {
+            **flatten(cfg.teacher.model_dump(exclude={"api"}), "teacher."),
+            "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
+            "device": device.type,
+        }
     params = {
-        **flatten(cfg.teacher.model_dump(), "teacher."),
+        **teacher_params,
         **flatten(cfg.data.model_dump(), "data."),
         **flatten(cfg.generation.model_dump(), "generation."),
         "generation.seed": str(seed_of(cfg)),
-        "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
         "data.fingerprint": data_fingerprint(cfg.data),
-        "device": device.type,
     }
 
     def work(ctx: StageContext) -> StageWork:
-        from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
+        if api is not None:
+            from dist_bench.teacher.api import ApiTeacher
 
-        teacher = LocalTeacher.load(cfg, device)
+            cache = Path(cfg.output.run_dir) / api.cache_dir
+            teacher: Teacher = ApiTeacher(api, ctx.stage_dir / "generation" / "api-samples", cache)
+        else:
+            from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
+
+            teacher = LocalTeacher.load(cfg, device)
         return generate(teacher, cfg, ctx.stage_dir / "generation", ctx.commit_energy)
 
-    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model})
+    name = api.model if api is not None else cfg.teacher.model
+    remote = "remote teacher: its GPUs cannot be measured from here" if api is not None else None
+    return execute_stage(
+        parent, STAGE, params, work, tags={"dist_bench.teacher": name}, gpu_unmeasured=remote
+    )
 
 
 def seed_of(cfg: RunConfig) -> int:
@@ -94,7 +112,11 @@ def generate(
         if path.exists():
             continue
         chunk = prompts[shard * gen.shard_size : (shard + 1) * gen.shard_size]
-        completions = teacher.generate(chunk, decoding, seed_of(cfg))
+        try:
+            completions = teacher.generate(chunk, decoding, seed_of(cfg))
+        except Exception:
+            _log_api_metrics(teacher)  # a budget stop still records what was spent and fetched
+            raise
         lines = [
             _row(prompt, sample, completion, teacher.identity(), decoding)
             for prompt, samples in zip(chunk, completions, strict=True)
@@ -132,6 +154,10 @@ def generate(
         "train_sha256": _sha256(out / "train.jsonl"),
     }
     _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    metrics = _api_metrics(teacher)
+    api = cfg.teacher.api
+    if api is not None and api.energy_j_per_token is not None:  # the user's figure, not a measurement
+        metrics["estimated_teacher_energy_j"] = api.energy_j_per_token * decode
     return StageWork(
         tokens=prefill + decode,
         outputs={"generation": out, "train_data": out / "train.jsonl"},
@@ -143,9 +169,31 @@ def generate(
             "prefill_tokens": prefill,
             "decode_tokens": decode,
             **report.metrics(),
+            **metrics,
         },
         details={"teacher": teacher.identity(), "decoding": decoding.to_dict(), "shards": n_shards},
     )
+
+
+def _api_metrics(teacher: Teacher) -> dict[str, float]:
+    """An API teacher's spend (all attempts of the stage), paid requests and failed samples; and the
+    remote teacher's energy where the user gave an estimate per token (labelled: estimated)."""
+    spend = getattr(teacher, "spend", None)
+    if spend is None:
+        return {}
+    metrics = {
+        "generation/spend_usd": spend.spent,
+        "generation/paid_requests": spend.paid_requests,
+        "generation/failed_samples": len(teacher.failures),  # type: ignore[attr-defined]
+    }
+    return metrics
+
+
+def _log_api_metrics(teacher: Teacher) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None and (metrics := _api_metrics(teacher)):
+        mlflow.log_metrics(metrics)
 
 
 def training_data(cfg: DataConfig, train_file: Path) -> DataConfig:
@@ -165,6 +213,7 @@ def _row(prompt: Prompt, sample: int, completion: Any, teacher: dict[str, str], 
         "finish_reason": completion.finish_reason,
         "prompt_tokens": completion.prompt_tokens,
         "completion_tokens": completion.completion_tokens,
+        **({"error": completion.error} if completion.error else {}),
         "teacher": teacher,
         "decoding": decoding.to_dict(),
     }

@@ -64,9 +64,10 @@ class Prompt:
 @dataclass(frozen=True)
 class Completion:
     text: str  # without the EOS token and without a stop string that ended it
-    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens reached; "error": none came
     prompt_tokens: int  # tokens of the prompt as the teacher saw it (chat template applied)
     completion_tokens: int  # tokens the teacher generated for it (EOS included when generated)
+    error: str | None = None  # finish_reason "error": why no completion came (an API teacher's last failure)
 
 
 class Teacher(Protocol):
