@@ -96,14 +96,47 @@ def _student_pipeline(name: str, config: Path | None, overrides: list[str] | Non
 
 
 @app.command("generate")
-def generate(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def generate(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print requests, a token bound and the worst-case cost; run nothing")
+    ] = False,
+) -> None:
     """The teacher writes completions for the data's prompts, filtered (a later sft with the same settings reuses it)."""
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "generate")
+    if dry_run:
+        _guarded(lambda: typer.echo(_generation_plan(cfg)))
+        return
     from dist_bench import pipeline
 
     run = _guarded(lambda: pipeline.generate(cfg, checks))
     _print_stages(run)
+
+
+def _generation_plan(cfg: RunConfig) -> str:
+    """What teacher_generation would ask for: requests, a bound on the tokens, and (API) the worst case."""
+    from dist_bench.teacher.api import prompt_token_bound, worst_case_cost
+    from dist_bench.teacher.generation import read_prompts
+
+    gen, api = cfg.generation, cfg.teacher.api
+    prompts = read_prompts(cfg)
+    endpoint = api.endpoint if api is not None else "chat"
+    prompt_tokens = sum(prompt_token_bound(p, endpoint) for p in prompts) * gen.n
+    new_tokens = len(prompts) * gen.n * gen.max_new_tokens
+    lines = [
+        f"requests: {len(prompts) * gen.n} ({len(prompts)} prompts x {gen.n} completions)",
+        f"tokens at most: {prompt_tokens} prompt + {new_tokens} completion (prompt bound: UTF-8 bytes + "
+        "template overhead)",
+    ]
+    if api is not None:
+        worst = worst_case_cost(api, prompt_tokens, new_tokens)
+        budget = f"; budget {api.budget:g}" if api.budget is not None else "; no budget limit"
+        lines.append(f"worst-case cost: {worst:.4f} at {api.price.input_per_million:g} / "
+                     f"{api.price.output_per_million:g} per million prompt / completion tokens{budget}")  # fmt: skip
+        lines.append("(responses already cached or journaled cost nothing and are counted here all the same)")
+    return "\n".join(lines)
 
 
 @app.command("cache_logits")

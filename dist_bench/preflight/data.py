@@ -79,8 +79,6 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     from dist_bench.teacher.interface import Prompt
     from dist_bench.teacher.local import encode_prompt, supports_graph
 
-    source = model_source("teacher.model", cfg.teacher)
-    teacher = model_facts(source, cfg.teacher)
     gen = cfg.generation
     try:
         check_filters(gen.filters)
@@ -91,6 +89,15 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
             raise PreflightError(
                 f"generation.stop[{at}]: empty string (it would end every completion at once)"
             )
+    if cfg.teacher.api is not None:  # the server writes the completions: no local teacher to load
+        from dist_bench.preflight.api import api_teacher
+
+        return [
+            api_teacher(cfg.teacher.api),
+            Check("generation", f"{gen.n} completion(s) per prompt; filters valid"),
+        ]
+    source = model_source("teacher.model", cfg.teacher)
+    teacher = model_facts(source, cfg.teacher)
     template = _teacher_template(cfg, teacher)
     messages = cfg.data.format == "messages"
     longest = max(

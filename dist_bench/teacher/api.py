@@ -127,6 +127,7 @@ class Pacer:
         self.request_interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self.tokens_per_second = tokens_per_minute / 60.0 if tokens_per_minute else None
         self.next_request_at = 0.0
+        self.last_start = 0.0
         self.tokens_free_at = 0.0
         self.paused_until = 0.0
         self.lock = asyncio.Lock()
@@ -135,6 +136,7 @@ class Pacer:
         async with self.lock:
             now = time.monotonic()
             start = max(now, self.next_request_at, self.tokens_free_at, self.paused_until)
+            self.last_start = start
             self.next_request_at = start + self.request_interval
             if self.tokens_per_second:
                 self.tokens_free_at = start + tokens / self.tokens_per_second
@@ -146,8 +148,9 @@ class Pacer:
 
     def read_headers(self, headers: Any) -> None:
         limit = _number(headers.get("x-ratelimit-limit-requests"))
-        if limit:
+        if limit:  # requests per minute (OpenAI's convention), spread evenly
             self.request_interval = 60.0 / limit
+            self.next_request_at = max(self.next_request_at, self.last_start + self.request_interval)
         limit = _number(headers.get("x-ratelimit-limit-tokens"))
         if limit:
             self.tokens_per_second = limit / 60.0
