@@ -100,7 +100,8 @@ def generate(
     config: ConfigOption = None,
     overrides: Overrides = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print requests, a token bound and the worst-case cost; run nothing")
+        bool,
+        typer.Option("--dry-run", help="print requests, a token bound and the worst-case cost; run nothing"),
     ] = False,
 ) -> None:
     """The teacher writes completions for the data's prompts, filtered (a later sft with the same settings reuses it)."""
