@@ -363,6 +363,12 @@ class EnergyConfig(Strict):
         ge=0,
         description="measure GPU idle power this long before the first stage (when idle_power_w is unset)",
     )
+    gpu_devices: list[int] | None = Field(
+        None,
+        description="NVML indices (nvidia-smi's numbering) of the GPUs to measure; unset: the GPUs this "
+        "process uses. Name a local server's GPUs (a vLLM teacher behind teacher.api on this node) and "
+        "teacher_generation measures them; otherwise an API teacher's GPU energy is unavailable",
+    )
     results_csv: str | None = Field(
         "energy_results.csv",
         description="a row per stage appended here (relative to output.run_dir); null: off",

@@ -21,7 +21,7 @@ from test_preflight import assert_rejected, dist_bench
 
 from conftest import PROJECT, SMALL, small_config
 from dist_bench import pipeline
-from dist_bench.teacher.api import BudgetExceeded, SampleStore
+from dist_bench.teacher.api import BudgetExceeded, Pacer, SampleStore, retry_after
 
 KEY_ENV = "DIST_BENCH_TEST_API_KEY"
 KEY = "sk-test-4f9c2a7e1d"
@@ -67,7 +67,8 @@ def test_injected_faults_end_in_a_completion_or_a_recorded_failure(workdir: Path
     with ApiServer(behaviour) as server:
         cfg = small_config(
             workdir, *api_overrides(server, "generation.n=2", "teacher.api.timeout_s=0.4",
-                                    "teacher.api.max_retries=2", "teacher.api.max_concurrency=4"),
+                                    "teacher.api.max_retries=2", "teacher.api.max_concurrency=4",
+                                    "teacher.api.energy_j_per_token=0.5"),
         )  # fmt: skip
         result = pipeline.generate(cfg)
         faults = Counter(r.fault for r in server.log if r.fault)
@@ -81,6 +82,10 @@ def test_injected_faults_end_in_a_completion_or_a_recorded_failure(workdir: Path
     assert all(r["completion"].startswith(" w") for r in rows if r["finish_reason"] != "error")
     assert max(answered(server).values()) == 1  # nothing bought twice
     metrics = result.stages[0].metrics
+    summary = result.stages[0].summary
+    assert summary["energy_sources"]["gpu"] == "unavailable" and summary["gpu_energy_joules"] is None
+    assert "remote teacher" in summary["energy_notes"]["gpu"]
+    assert metrics["estimated_teacher_energy_j"] == 0.5 * metrics["decode_tokens"]  # the user's figure
     assert metrics["generation/failed_samples"] == len(failed)
     assert metrics["generation/dropped/failed"] == len(failed)
     assert metrics["generation/paid_requests"] == len(rows) - len(failed)
@@ -123,6 +128,39 @@ def test_rate_limit_headers_set_the_pace(workdir: Path, key: str) -> None:
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert len(times) == 9 and not limited
     assert abs(rate - 2.0) <= 0.2, rate
+
+
+def test_without_headers_the_configured_pace_holds(workdir: Path, key: str) -> None:
+    with ApiServer(Behaviour(api_key=key)) as server:
+        overrides = [
+            "generation.max_prompts=9",
+            "generation.shard_size=9",
+            "teacher.api.requests_per_minute=240",
+        ]
+        pipeline.generate(small_config(workdir, *api_overrides(server, *overrides)))
+        times = [r.time for r in server.log if r.path.endswith("completions")]
+    assert abs((len(times) - 1) / (times[-1] - times[0]) - 4.0) <= 0.4
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({}, None),
+    ],
+)
+def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
+    assert retry_after(headers) == seconds
+
+
+def test_rate_limit_headers_in_openai_format() -> None:
+    pacer = Pacer(None, None)
+    pacer.read_headers({"x-ratelimit-limit-requests": "600", "x-ratelimit-limit-tokens": "60000",
+                        "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m2.5s"})  # fmt: skip
+    assert pacer.request_interval == 0.1 and pacer.tokens_per_second == 1000
+    assert 62 < pacer.paused_until - time.monotonic() <= 62.5  # nothing is sent before the tokens reset
 
 
 def test_corrupt_cache_entries_are_fetched_again(workdir: Path, key: str) -> None:

@@ -111,6 +111,24 @@ def test_gpu_energy_is_the_counter_difference_of_the_visible_device(tmp_path: Pa
     assert window.read() is reading  # after exit, read() is the final reading
 
 
+def test_gpu_devices_names_the_gpus_another_process_uses(tmp_path: Path, cuda_sees) -> None:
+    """energy.gpu_devices: a teacher served on this node (a local vLLM) runs on GPUs this process does
+    not use; they are measured by NVML index, whatever torch sees."""
+    mine, server = FakeDevice("GPU-aaaa", "A"), FakeDevice("GPU-bbbb", "B")
+    cuda_sees("aaaa")
+    cfg = EnergyConfig(codecarbon=False, gpu_devices=[1])
+    with EnergyWindow(cfg, tmp_path, "teacher_generation", nvml=FakeNvml(mine, server)) as window:
+        mine.energy_mj += 1_000
+        server.energy_mj += 250_000
+    assert window.reading.gpu_energy_j == pytest.approx(250.0)
+    assert window.reading.gpus == ("B (GPU-bbbb)",) and mine.reads == 0
+    with EnergyWindow(
+        EnergyConfig(codecarbon=False, gpu_devices=[7]), tmp_path, "x", nvml=FakeNvml(mine)
+    ) as window:
+        pass
+    assert window.reading.gpu_energy_j is None and "no NVML device 7" in window.reading.notes["gpu"]
+
+
 def test_two_visible_gpus_are_summed(tmp_path: Path, cuda_sees) -> None:
     a, b = FakeDevice("GPU-aaaa", "A"), FakeDevice("GPU-bbbb", "B")
     cuda_sees("bbbb", "aaaa")

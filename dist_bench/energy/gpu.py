@@ -102,11 +102,19 @@ class GpuEnergyCounter:
     """Energy of the GPUs this process uses, summed, since `start()`. Never raises: failures become notes.
 
     The GPUs are the CUDA devices visible to torch, found among NVML's devices by UUID (NVML indexes
-    ignore CUDA_VISIBLE_DEVICES). No visible device means nothing to measure, not zero.
+    ignore CUDA_VISIBLE_DEVICES), or the NVML indices given (energy.gpu_devices: GPUs another process
+    uses for this stage, such as a teacher served on this node). No device means nothing to measure,
+    not zero.
     """
 
-    def __init__(self, nvml: Any = None, cuda_uuids: Callable[[], list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        nvml: Any = None,
+        cuda_uuids: Callable[[], list[str]] | None = None,
+        nvml_indices: list[int] | None = None,
+    ) -> None:
         self._nvml = nvml
+        self._nvml_indices = nvml_indices
         # Looked up when measuring, not bound here: tests (and simulated devices) replace it module-wide.
         self._cuda_uuids = cuda_uuids or (lambda: torch_cuda_uuids())
         self._handles: list[Any] = []
@@ -163,13 +171,15 @@ class GpuEnergyCounter:
         return figures
 
     def _start(self) -> None:
-        try:
-            wanted = self._cuda_uuids()
-        except Exception as err:
-            raise _Unavailable(f"could not list CUDA devices: {_describe(err)}") from err
-        wanted = [uuid_key(u) for u in wanted]  # torch and NVML spell UUIDs differently
-        if not wanted:
-            raise _Unavailable("no CUDA device visible to torch")
+        wanted: list[str] = []
+        if self._nvml_indices is None:
+            try:
+                wanted = self._cuda_uuids()
+            except Exception as err:
+                raise _Unavailable(f"could not list CUDA devices: {_describe(err)}") from err
+            wanted = [uuid_key(u) for u in wanted]  # torch and NVML spell UUIDs differently
+            if not wanted:
+                raise _Unavailable("no CUDA device visible to torch")
         if self._nvml is None:
             try:
                 self._nvml = load_nvml()
@@ -180,6 +190,8 @@ class GpuEnergyCounter:
         except Exception as err:
             raise _Unavailable(f"NVML unavailable: {_describe(err)}") from err
         self._initialized = True
+        if self._nvml_indices is not None:
+            wanted = [self._uuid_at(index) for index in self._nvml_indices]
         self._handles, self._gpus = self._find_devices(wanted)
         self._uuids = list(wanted)
         sync_error = synchronize_cuda()
@@ -188,6 +200,13 @@ class GpuEnergyCounter:
         self._start_mj = [
             self._first_read(h, name) for h, name in zip(self._handles, self._gpus, strict=True)
         ]
+
+    def _uuid_at(self, index: int) -> str:
+        try:
+            handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+            return uuid_key(as_text(self._nvml.nvmlDeviceGetUUID(handle)))
+        except Exception as err:
+            raise _Unavailable(f"energy.gpu_devices: no NVML device {index} ({_describe(err)})") from err
 
     def _find_devices(self, wanted: list[str]) -> tuple[list[Any], tuple[str, ...]]:
         nvml = self._nvml

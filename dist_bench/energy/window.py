@@ -175,7 +175,11 @@ class EnergyWindow:
         # gpu_unmeasured: why this stage's GPU work cannot be measured here (a remote teacher); the
         # local GPUs are then not counted either, since they are not where the work runs
         self._gpu_unmeasured = gpu_unmeasured
-        self._gpu = GpuEnergyCounter(nvml) if cfg.enabled and gpu_unmeasured is None else None
+        self._gpu = (
+            GpuEnergyCounter(nvml, nvml_indices=cfg.gpu_devices)
+            if cfg.enabled and gpu_unmeasured is None
+            else None
+        )
         self._sampler: PowerSampler | None = None
         self._host: rapl.RaplMeter | CodeCarbonMeter | None = None
         self._host_note: str | None = None

@@ -77,7 +77,9 @@ def run(parent: ParentRun) -> StageResult:
         return generate(teacher, cfg, ctx.stage_dir / "generation", ctx.commit_energy)
 
     name = api.model if api is not None else cfg.teacher.model
-    remote = "remote teacher: its GPUs cannot be measured from here" if api is not None else None
+    remote = None
+    if api is not None and cfg.energy.gpu_devices is None:  # with gpu_devices: the local server's GPUs
+        remote = "remote teacher: its GPUs cannot be measured from here (energy.gpu_devices names local ones)"
     return execute_stage(
         parent, STAGE, params, work, tags={"dist_bench.teacher": name}, gpu_unmeasured=remote
     )
