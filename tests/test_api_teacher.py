@@ -21,7 +21,9 @@ from test_preflight import assert_rejected, dist_bench
 
 from conftest import PROJECT, SMALL, small_config
 from dist_bench import pipeline
-from dist_bench.teacher.api import BudgetExceeded, Pacer, SampleStore, retry_after
+from dist_bench.teacher import generation
+from dist_bench.teacher.api import ApiAuthError, ApiTeacher, BudgetExceeded, Pacer, SampleStore, retry_after
+from dist_bench.teacher.interface import Decoding
 
 KEY_ENV = "DIST_BENCH_TEST_API_KEY"
 KEY = "sk-test-4f9c2a7e1d"
@@ -120,7 +122,7 @@ def test_the_budget_holds_and_a_larger_one_continues_without_paying_twice(workdi
 def test_rate_limit_headers_set_the_pace(workdir: Path, key: str) -> None:
     with ApiServer(Behaviour(api_key=key, requests_per_minute=120)) as server:  # 2 requests/s
         cfg = small_config(
-            workdir, *api_overrides(server, "generation.max_prompts=9", "generation.shard_size=9")
+            workdir, *api_overrides(server, "generation.max_prompts=9", "generation.shard_size=3")
         )
         pipeline.generate(cfg)
         times = [r.time for r in server.log if r.path.endswith("completions") and r.status == 200]
@@ -179,6 +181,29 @@ def test_corrupt_cache_entries_are_fetched_again(workdir: Path, key: str) -> Non
     assert len(again) == 2 and sum(answered(server).values()) == 14  # the two corrupt ones, nothing else
     store = SampleStore(workdir / "runs" / "api-cache")
     assert all(store.get(e.stem)["text"].startswith(" w") for e in entries[:2])  # refetched and rewritten
+
+
+def test_the_sft_pipeline_trains_on_what_the_api_teacher_wrote(workdir: Path, key: str) -> None:
+    """Selecting teacher.api is the only change: generation through the server, then the shared trainer."""
+    with ApiServer(Behaviour(api_key=key)) as server:
+        result = pipeline.sft(small_config(workdir, *api_overrides(server, "train.max_steps=4")))
+    generation, train, *_ = result.stages
+    assert (generation.stage, train.stage) == ("teacher_generation", "student_train")
+    kept = generation.outputs["train_data"].read_text().splitlines()
+    assert len(kept) == 12 and all(json.loads(line)["completion"].startswith(" w") for line in kept)
+    assert train.metrics["tokens"] > 0
+
+
+def test_a_key_refused_mid_run_stops_at_once_naming_the_variable(tmp_path: Path, key: str) -> None:
+    with ApiServer(Behaviour(api_key=key)) as server:
+        cfg = small_config(tmp_path, *api_overrides(server))
+        server.behaviour.api_key = "sk-rotated"  # revoked after pre-flight
+        teacher = ApiTeacher(cfg.teacher.api, tmp_path / "journal", None)
+        with pytest.raises(ApiAuthError, match=KEY_ENV):
+            teacher.generate(generation.read_prompts(cfg), Decoding.from_config(cfg.generation), seed=0)
+        refused = [r for r in server.log if r.status == 401]
+    assert len(refused) == 1  # nothing retried, nothing else sent
+    assert key not in str(teacher.spend) and not list((tmp_path / "journal").rglob("*.json"))
 
 
 def test_sample_store_rejects_a_changed_entry(tmp_path: Path) -> None:

@@ -209,6 +209,7 @@ class ApiTeacher:
         self.cache = SampleStore(cache_dir) if cfg.cache and cache_dir is not None else None
         spent, paid = self.journal.total_paid()  # earlier attempts of this stage count against the budget
         self.spend = Spend(spent=spent, paid_requests=paid)
+        self.pacer = Pacer(cfg.requests_per_minute, cfg.tokens_per_minute)  # one pace across all shards
         self.failures: list[dict[str, Any]] = []
 
     def identity(self) -> dict[str, str]:
@@ -241,7 +242,8 @@ class ApiTeacher:
         client = AsyncOpenAI(
             base_url=self.cfg.base_url, api_key=key or "none", max_retries=0, timeout=self.cfg.timeout_s
         )
-        pacer = Pacer(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
+        pacer = self.pacer
+        pacer.lock = asyncio.Lock()  # a lock belongs to one event loop: each shard runs its own
         results: dict[tuple[int, int], Completion] = {}
         todo = []
         for prompt in prompts:
