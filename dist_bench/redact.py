@@ -22,12 +22,20 @@ _SECRET_NAME = re.compile(
 _SHORTEST_SECRET = 6  # shorter values ("true", "1") would mask ordinary words
 
 
+_SECRET_VARIABLES: set[str] = set()  # named as secrets by the config (teacher.api.api_key_env)
+
+
+def treat_as_secret(variable: str) -> None:
+    """Mask this environment variable's value too, whatever its name."""
+    _SECRET_VARIABLES.add(variable)
+
+
 def secret_values() -> list[str]:
     """Values of environment variables named like secrets, longest first (so none is masked in part)."""
     values = {
         value
         for name, value in os.environ.items()
-        if _SECRET_NAME.search(name) and len(value) >= _SHORTEST_SECRET
+        if (_SECRET_NAME.search(name) or name in _SECRET_VARIABLES) and len(value) >= _SHORTEST_SECRET
     }
     return sorted(values, key=len, reverse=True)
 

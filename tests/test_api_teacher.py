@@ -21,6 +21,7 @@ from test_preflight import assert_rejected, dist_bench
 
 from conftest import PROJECT, SMALL, small_config
 from dist_bench import pipeline
+from dist_bench.redact import redact, treat_as_secret
 from dist_bench.teacher import generation
 from dist_bench.teacher.api import ApiAuthError, ApiTeacher, BudgetExceeded, Pacer, SampleStore, retry_after
 from dist_bench.teacher.interface import Decoding
@@ -258,6 +259,13 @@ def test_the_key_appears_nowhere(tmp_path: Path, key: str) -> None:
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "mlflow.db" for p in files) and any("shard-" in p.name for p in files)
     assert [p for p in files if key.encode() in p.read_bytes()] == []
+
+
+def test_the_key_variable_is_masked_whatever_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEACHER_ACCESS", "sk-ordinary-name-123")
+    assert redact("failed with sk-ordinary-name-123") == "failed with sk-ordinary-name-123"
+    treat_as_secret("TEACHER_ACCESS")  # what pre-flight and the API teacher do with teacher.api.api_key_env
+    assert redact("failed with sk-ordinary-name-123") == "failed with ***"
 
 
 def test_a_refused_key_stops_preflight(tmp_path: Path) -> None:

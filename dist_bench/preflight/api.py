@@ -7,6 +7,7 @@ import os
 
 from dist_bench.config import ApiTeacherConfig
 from dist_bench.preflight.base import Check, PreflightError
+from dist_bench.redact import treat_as_secret
 
 PROBE_TIMEOUT_S = 15.0
 
@@ -16,6 +17,7 @@ def api_teacher(api: ApiTeacherConfig) -> Check:
 
     key = ""
     if api.api_key_env:
+        treat_as_secret(api.api_key_env)  # masked in every message from here on, whatever its name
         key = os.environ.get(api.api_key_env, "")
         if not key:
             raise PreflightError(

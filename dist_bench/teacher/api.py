@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_bench.config import ApiTeacherConfig
+from dist_bench.redact import treat_as_secret
 from dist_bench.teacher.interface import Completion, Decoding, Prompt
 
 BACKOFF_BASE_S = 0.5  # first retry waits up to this (full jitter), doubling per attempt
@@ -205,6 +206,8 @@ def retry_after(headers: Any) -> float | None:
 class ApiTeacher:
     def __init__(self, cfg: ApiTeacherConfig, journal_dir: Path, cache_dir: Path | None) -> None:
         self.cfg = cfg
+        if cfg.api_key_env:  # whatever it is called, its value is masked in every message and tag
+            treat_as_secret(cfg.api_key_env)
         self.journal = SampleStore(journal_dir)
         self.cache = SampleStore(cache_dir) if cfg.cache and cache_dir is not None else None
         spent, paid = self.journal.total_paid()  # earlier attempts of this stage count against the budget
