@@ -67,6 +67,13 @@ def sft(config: ConfigOption = None, overrides: Overrides = None, ablations: Abl
     _student_pipeline("sft", config, overrides, ablations)
 
 
+@app.command("dpo")
+def dpo(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
+    """Preference pairs (preferences.path) -> DPO of the policy (student.model) -> evaluation (the same
+    optimizer, precision and token budget rule as kd and sft)."""
+    _student_pipeline("dpo", config, overrides, ablations)
+
+
 def _student_pipeline(name: str, config: Path | None, overrides: list[str] | None, ablations: bool) -> None:
     """kd or sft: pre-flight, then the pipeline, or every point of the config's ablations grid (each
     pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work."""
@@ -77,7 +84,7 @@ def _student_pipeline(name: str, config: Path | None, overrides: list[str] | Non
 
     def runs() -> list:
         if not ablations:
-            return [pipeline.kd(cfg, checks) if name == "kd" else pipeline.sft(cfg, checks)]
+            return [{"kd": pipeline.kd, "sft": pipeline.sft, "dpo": pipeline.dpo}[name](cfg, checks)]
         outer = os.environ.pop("MLFLOW_RUN_ID", None)
         if (
             outer

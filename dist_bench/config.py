@@ -291,6 +291,37 @@ class GenerationConfig(Strict):
     filters: FiltersConfig = FiltersConfig()
 
 
+class PreferencesConfig(Strict):
+    """The preference pairs the dpo pipeline trains on."""
+
+    path: str | None = Field(
+        None,
+        description="existing pairs: prompt/chosen/rejected in TRL's standard (strings) or conversational "
+        "(message lists) form, from a JSON-lines, JSON, Parquet or Arrow file, a folder, a save_to_disk "
+        "folder or a Hugging Face dataset id",
+    )
+    split: str = Field("train", description="split of a Hub dataset or a saved DatasetDict")
+    subset: str | None = Field(None, description="Hub dataset config (subset) name")
+
+
+# trl.DPOConfig.loss_type's values (TRL 1.x)
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]  # fmt: skip
+
+
+class DPOSettings(Strict):
+    """trl.DPOTrainer's own settings; everything else (optimizer, precision, token budget, checkpoints)
+    comes from train.*, as for kd and sft."""
+
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (KL weight)")
+    loss_type: DPOLoss = Field("sigmoid", description="TRL's DPO loss (sigmoid: the DPO paper's)")
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="one reference pass over the pairs before training (inside the stage's energy window, "
+        "its tokens counted) instead of a reference forward every step",
+    )
+
+
 class AblationsConfig(Strict):
     """A grid of settings run as one parent per point (`dist-bench sft --ablations`); stages whose inputs
     match across points are reused."""
@@ -402,8 +433,9 @@ class OutputConfig(Strict):
 
 class RunConfig(Strict):
     name: str = Field(description="short name of the experiment; the parent run's name")
-    pipeline: Literal["kd", "sft"] = Field(
-        "kd", description="kd: from cached teacher logits; sft: on the data"
+    pipeline: Literal["kd", "sft", "dpo"] = Field(
+        "kd",
+        description="kd: from cached teacher logits; sft: on the data; dpo: on preference pairs",
     )
     seed: int = 42
     teacher: TeacherSpec
@@ -413,6 +445,8 @@ class RunConfig(Strict):
     train: TrainConfig
     kd: KDConfig = KDConfig()
     generation: GenerationConfig = GenerationConfig()
+    preferences: PreferencesConfig = PreferencesConfig()
+    dpo: DPOSettings = DPOSettings()
     ablations: AblationsConfig | None = None
     eval: EvalConfig
     energy: EnergyConfig = EnergyConfig()

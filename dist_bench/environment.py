@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_bench.energy.gpu import as_text, load_nvml
+from dist_bench.redact import environ_snapshot
 
 # Key in `packages` -> distribution names to try, first installed wins.
 PACKAGES: dict[str, tuple[str, ...]] = {
@@ -193,7 +194,7 @@ def _git(folder: Path, *args: str) -> str | None:
 
 def _run_git(folder: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     # GIT_DIR & co. (set inside git hooks) would point every command at another repository.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env = {k: v for k, v in environ_snapshot().items() if not k.startswith("GIT_")}
     try:
         return subprocess.run(
             ["git", "-C", str(folder), *args],

@@ -2,6 +2,7 @@
 
     kd            prerun? -> logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
     sft           prerun? -> teacher_generation? -> student_train -> eval  (dist-bench sft / mlflow run . -e sft)
+    dpo           prerun? -> dpo_training -> eval              (dist-bench dpo / mlflow run . -e dpo)
     generate      teacher_generation                          (dist-bench generate)
     prerun        prerun: idle baseline, burn-in, sampling check, hardware (dist-bench prerun)
     cache_logits  logit_caching                               (dist-bench cache_logits)
@@ -21,6 +22,7 @@ from pathlib import Path
 from dist_bench import preflight, prerun
 from dist_bench.config import ConfigError, RunConfig, load_config
 from dist_bench.evaluation import stage as eval_stage
+from dist_bench.student import dpo as dpo_stage
 from dist_bench.student import stage as student_stage
 from dist_bench.teacher import generation, logit_cache
 from dist_bench.tracking import ParentRun, pipeline_run
@@ -79,6 +81,26 @@ def sft(
     return parent
 
 
+def dpo(
+    cfg: RunConfig, checks: list[preflight.Check] | None = None, tags: dict[str, str] | None = None
+) -> ParentRun:
+    """The policy (student.model: any model spec, e.g. runs:/<sft run>/final_model) trained by DPO on
+    preferences.path's pairs."""
+    checks = preflight.dpo(cfg) if checks is None else checks
+    with pipeline_run(
+        cfg, "dpo", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+    ) as parent:
+        if cfg.prerun.enabled:
+            prerun.run_stage(parent)
+        policy = dpo_stage.run(parent)
+        eval_stage.run(
+            parent,
+            model=str(policy.outputs["final_policy"]),
+            fingerprint=policy.fingerprints["final_policy"],
+        )
+    return parent
+
+
 SWEEP, ABLATION = "dist_bench.sweep", "dist_bench.ablation"
 
 
@@ -106,7 +128,7 @@ def sweep(experiment: str | Path | None, overrides: list[str], pipeline: str = "
         (label, load_config(experiment, [*overrides, *extra])) for label, extra in ablation_points(base)
     ]
     checked = [(label, cfg, preflight.run(cfg, pipeline)) for label, cfg in points]
-    run = {"sft": sft, "kd": kd}[pipeline]
+    run = {"sft": sft, "kd": kd, "dpo": dpo}[pipeline]
     return [
         run(cfg, checks, tags={SWEEP: base.ablations.name, ABLATION: label}) for label, cfg, checks in checked
     ]

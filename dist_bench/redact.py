@@ -30,11 +30,22 @@ def treat_as_secret(variable: str) -> None:
     _SECRET_VARIABLES.add(variable)
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the environment. Iterating os.environ while another thread sets or pops a variable
+    (MLflow's telemetry thread does) raises KeyError or RuntimeError: copy again."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def secret_values() -> list[str]:
     """Values of environment variables named like secrets, longest first (so none is masked in part)."""
     values = {
         value
-        for name, value in os.environ.items()
+        for name, value in environ_snapshot().items()
         if (_SECRET_NAME.search(name) or name in _SECRET_VARIABLES) and len(value) >= _SHORTEST_SECRET
     }
     return sorted(values, key=len, reverse=True)

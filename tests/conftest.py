@@ -20,6 +20,9 @@ from dist_bench.config import RunConfig, load_config
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# MLflow's telemetry thread sets and pops a variable while other code reads the environment; and the
+# tests have no business reporting usage
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PROJECT = Path(__file__).resolve().parent.parent
 

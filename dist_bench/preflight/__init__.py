@@ -28,6 +28,7 @@ from dist_bench.preflight.data import (
     cache_disk,
     data_records,
     planned_cache_bytes,
+    preference_pairs,
     teacher_generation,
 )
 from dist_bench.preflight.evaluation import eval_tasks
@@ -53,7 +54,7 @@ __all__ = [
     "planned_cache_bytes", "prerun", "report", "run", "sft", "tracking_uri",
 ]  # fmt: skip
 
-PIPELINES = ("kd", "sft", "generate", "cache_logits", "eval", "prerun", "report")
+PIPELINES = ("kd", "sft", "dpo", "generate", "cache_logits", "eval", "prerun", "report")
 
 
 def run(
@@ -64,6 +65,8 @@ def run(
         return kd(cfg)
     if pipeline == "sft":
         return sft(cfg)
+    if pipeline == "dpo":
+        return dpo(cfg)
     if pipeline == "cache_logits":
         return cache_logits(cfg)
     if pipeline == "generate":
@@ -116,6 +119,20 @@ def sft(cfg: RunConfig) -> list[Check]:
     checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     student = model_facts(student_source, cfg.student)
     return [*checks, eval_tasks(cfg.eval, student)]
+
+
+def dpo(cfg: RunConfig) -> list[Check]:
+    """dpo_training -> eval: the policy, the pairs (every row, TRL's form), devices, tasks."""
+    checks = [
+        pipeline_matches(cfg, "dpo"),
+        tracking_store(),
+        writable_dir("output.run_dir", cfg.output.run_dir),
+    ]
+    policy_source = model_source("student.model", cfg.student)
+    checks += [policy_source.check, preference_pairs(cfg)]
+    checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
+    policy = model_facts(policy_source, cfg.student)
+    return [*checks, eval_tasks(cfg.eval, policy)]
 
 
 def generate(cfg: RunConfig) -> list[Check]:

@@ -131,6 +131,28 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     ]
 
 
+def preference_pairs(cfg: RunConfig) -> Check:
+    """preferences.path: set, readable, and every row a pair in TRL's standard or conversational form."""
+    from dist_bench.errors import DataError
+    from dist_bench.generation.pairs import read_pairs
+
+    prefs = cfg.preferences
+    if prefs.path is None:
+        raise PreflightError(
+            "preferences.path: the dpo pipeline needs preference pairs (prompt, chosen, rejected)"
+        )
+    try:
+        pairs = read_pairs(prefs.path, split=prefs.split, subset=prefs.subset)
+    except DataError as err:  # one line naming file, line and field already
+        raise PreflightError(f"preferences.path: {err}") from None
+    except (FileNotFoundError, ValueError) as err:
+        raise PreflightError(f"preferences.path: {prefs.path}: {err}") from None
+    if not pairs:
+        raise PreflightError(f"preferences.path: {prefs.path} holds no pairs")
+    form = "conversational" if isinstance(pairs[0]["prompt"], list) else "standard"
+    return Check("preferences.path", f"{len(pairs)} pairs ({form} form) in {prefs.path}")
+
+
 def _teacher_template(cfg: RunConfig, teacher: ModelFacts) -> str | None:
     """The template the teacher renders conversations with (data.chat_template, else its own)."""
     if cfg.data.format != "messages":

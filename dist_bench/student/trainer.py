@@ -59,6 +59,11 @@ def plan_steps(examples: list[Example], cfg: RunConfig) -> list[list[list[int]]]
 
     Known in advance so the LR schedule has its true length and a resumed run sees the same batches.
     """
+    return plan_by_length([len(e.input_ids) for e in examples], cfg)
+
+
+def plan_by_length(lengths: list[int], cfg: RunConfig) -> list[list[list[int]]]:
+    """plan_steps over rows of these token counts (a DPO pair counts its chosen and rejected sequences)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     steps: list[list[list[int]]] = []
     tokens, order = 0, []
@@ -68,10 +73,10 @@ def plan_steps(examples: list[Example], cfg: RunConfig) -> list[list[list[int]]]
         step = []
         for _ in range(cfg.train.grad_accum):
             if len(order) < cfg.train.batch_size:
-                order += torch.randperm(len(examples), generator=generator).tolist()
+                order += torch.randperm(len(lengths), generator=generator).tolist()
             micro, order = order[: cfg.train.batch_size], order[cfg.train.batch_size :]
             step.append(micro)
-            tokens += sum(len(examples[i].input_ids) for i in micro)
+            tokens += sum(lengths[i] for i in micro)
         steps.append(step)
     return steps
 
@@ -353,9 +358,26 @@ class StageMetricsCallback(TrainerCallback):
 
 
 def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> SFTConfig:
-    train, optimizer = cfg.train, cfg.train.optimizer
     cuda = device.type == "cuda"
     return SFTConfig(
+        **shared_arguments(cfg, output_dir, steps, device),
+        # train.packing is done by our collator (TRL's padding-free collator inside StudentCollator): TRL's
+        # own flag refuses a custom collator, and ours must add the supervised positions and teacher rows.
+        padding_free=False,
+        max_length=None,  # the data layer truncates to data.max_length; TRL must not drop or cut rows
+        dataset_kwargs={"skip_prepare_dataset": True},
+        shuffle_dataset=False,
+        remove_unused_columns=False,  # keep example_index for the KD collator
+        dataloader_pin_memory=cuda,
+    )
+
+
+def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> dict[str, Any]:
+    """The TRL/HF trainer arguments every student trainer shares (SFT, KD, DPO): optimizer, schedule,
+    precision, checkpoints, logging."""
+    train, optimizer = cfg.train, cfg.train.optimizer
+    cuda = device.type == "cuda"
+    return dict(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=train.batch_size,
@@ -373,13 +395,6 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         bf16=train.precision == "bf16" and cuda,
         use_cpu=not cuda,
         gradient_checkpointing=train.gradient_checkpointing,
-        # train.packing is done by our collator (TRL's padding-free collator inside StudentCollator): TRL's
-        # own flag refuses a custom collator, and ours must add the supervised positions and teacher rows.
-        padding_free=False,
-        max_length=None,  # the data layer truncates to data.max_length; TRL must not drop or cut rows
-        dataset_kwargs={"skip_prepare_dataset": True},
-        shuffle_dataset=False,
-        remove_unused_columns=False,  # keep example_index for the KD collator
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=train.log_every,
@@ -391,7 +406,6 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         # stalls the GPU while the CPU queues the next kernels. A NaN loss is logged as NaN instead.
         logging_nan_inf_filter=False,
         disable_tqdm=True,
-        dataloader_pin_memory=cuda,
         # Batches go to the GPU from pinned memory without waiting: a blocking copy stops the host until
         # the device has drained its queue, every micro-batch.
         accelerator_config={"non_blocking": cuda},

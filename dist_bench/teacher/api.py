@@ -136,11 +136,17 @@ class Pacer:
     async def wait(self, tokens: int) -> None:
         async with self.lock:
             now = time.monotonic()
-            start = max(now, self.next_request_at, self.tokens_free_at, self.paused_until)
+            # Slots on a grid, not after each actual start: a request that woke late does not push every
+            # later one back (a busy host would otherwise run below the limit); after idling, at most one
+            # interval is caught up (a server's bucket holds about that much)
+            slot = max(
+                now - self.request_interval, self.next_request_at, self.tokens_free_at, self.paused_until
+            )
+            start = max(now, slot)
             self.last_start = start
-            self.next_request_at = start + self.request_interval
+            self.next_request_at = slot + self.request_interval
             if self.tokens_per_second:
-                self.tokens_free_at = start + tokens / self.tokens_per_second
+                self.tokens_free_at = max(slot, self.tokens_free_at) + tokens / self.tokens_per_second
         await asyncio.sleep(start - now)
 
     def pause(self, seconds: float) -> None:
