@@ -90,9 +90,6 @@ def test_pipeline_and_report_through_a_server_reached_with_credentials(server: s
 def test_mlflow_telemetry_is_off_unless_asked() -> None:
     """Its background thread pops an environment variable while others read the environment (KeyError at
     random in the API teacher's HTTP client); dist_bench turns it off unless the user set the switch."""
-    import subprocess
-    import sys
-
     code = "import dist_bench, mlflow.telemetry as t; print(t.get_telemetry_client() is None)"
     environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
     done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
