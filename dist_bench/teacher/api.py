@@ -45,6 +45,7 @@ from dist_bench.teacher.interface import Completion, Decoding, Prompt
 
 BACKOFF_BASE_S = 0.5  # first retry waits up to this (full jitter), doubling per attempt
 BACKOFF_CAP_S = 30.0
+PACE_SLACK = 0.1  # how late (in intervals) a request may start and still keep the next on the grid
 PER_MESSAGE_TOKENS = 8  # chat-template tokens a message may add, on top of its text's bytes
 
 
@@ -136,11 +137,14 @@ class Pacer:
     async def wait(self, tokens: int) -> None:
         async with self.lock:
             now = time.monotonic()
-            # Slots on a grid, not after each actual start: a request that woke late does not push every
-            # later one back (a busy host would otherwise run below the limit); after idling, at most one
-            # interval is caught up (a server's bucket holds about that much)
+            # Slots on a grid, not after each actual start: a request that woke a little late (up to a
+            # tenth of an interval: a busy host) does not push every later one back; a longer gap (idle,
+            # the first request) starts the grid afresh, so no burst follows it
             slot = max(
-                now - self.request_interval, self.next_request_at, self.tokens_free_at, self.paused_until
+                now - PACE_SLACK * self.request_interval,
+                self.next_request_at,
+                self.tokens_free_at,
+                self.paused_until,
             )
             start = max(now, slot)
             self.last_start = start
