@@ -232,8 +232,11 @@ class ApiTeacher:
             "backend": f"openai-api.{self.cfg.endpoint}",
         }
 
-    def sample_key(self, prompt: Prompt, sample: int, decoding: Decoding, seed: int) -> str:
-        """What identifies a sample's answer: server, model, the request's content and the sample index."""
+    def request(
+        self, prompt: Prompt, sample: int, decoding: Decoding, seed: int
+    ) -> tuple[str, dict[str, Any]]:
+        """A sample's request body, and its key: a hash of the server, the body (model, messages, decoding,
+        the sample's own seed) and the sample index, which is what identifies its answer."""
         body = self._body(prompt, decoding, self._sample_seed(prompt, sample, seed))
         material = {
             "base_url": self.cfg.base_url,
@@ -241,7 +244,7 @@ class ApiTeacher:
             "body": body,
             "sample": sample,
         }
-        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest(), body
 
     def generate(self, prompts: list[Prompt], decoding: Decoding, seed: int) -> list[list[Completion]]:
         return asyncio.run(self._generate(prompts, decoding, seed))
@@ -261,19 +264,20 @@ class ApiTeacher:
         todo = []
         for prompt in prompts:
             for sample in range(decoding.n):
-                done = self._stored(self.sample_key(prompt, sample, decoding, seed))
+                key, body = self.request(prompt, sample, decoding, seed)
+                done = self._stored(key)
                 if done is not None:
                     results[(prompt.id, sample)] = _completion(done)
                 else:
-                    todo.append((prompt, sample))
+                    todo.append((prompt, sample, key, body))
         stop = asyncio.Event()  # set by the first BudgetExceeded or ApiAuthError: nothing new starts
         errors: list[BaseException] = []
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def run_one(prompt: Prompt, sample: int) -> None:
+        async def run_one(prompt: Prompt, sample: int, key: str, body: dict[str, Any]) -> None:
             try:
                 results[(prompt.id, sample)] = await self._fetch(
-                    client, pacer, prompt, sample, decoding, seed
+                    client, pacer, prompt, sample, key, body, decoding.max_new_tokens
                 )
             except (BudgetExceeded, ApiAuthError) as err:
                 errors.append(err)
@@ -304,21 +308,26 @@ class ApiTeacher:
         return sample
 
     async def _fetch(
-        self, client: Any, pacer: Pacer, prompt: Prompt, sample: int, decoding: Decoding, seed: int
+        self,
+        client: Any,
+        pacer: Pacer,
+        prompt: Prompt,
+        sample: int,
+        key: str,
+        body: dict[str, Any],
+        max_tokens: int,
     ) -> Completion:
-        key = self.sample_key(prompt, sample, decoding, seed)
-        body = self._body(prompt, decoding, self._sample_seed(prompt, sample, seed))
         bound = prompt_token_bound(prompt, self.cfg.endpoint)
-        worst = worst_case_cost(self.cfg, bound, decoding.max_new_tokens)
+        worst = worst_case_cost(self.cfg, bound, max_tokens)
         self._reserve(worst)
         try:
             delay, reason = 0.0, ""
             for attempt in range(self.cfg.max_retries + 1):
                 await asyncio.sleep(delay)
-                await pacer.wait(bound + decoding.max_new_tokens)
+                await pacer.wait(bound + max_tokens)
                 outcome = await self._attempt(client, pacer, body)
                 if isinstance(outcome, dict):
-                    paid = self._settle(worst, outcome["usage"], bound, decoding.max_new_tokens)
+                    paid = self._settle(worst, outcome["usage"], bound, max_tokens)
                     stored = {**outcome, "paid": paid, "key": key}
                     self.journal.put(key, stored)  # persisted before it counts
                     if self.cache is not None:

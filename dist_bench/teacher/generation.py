@@ -178,17 +178,16 @@ def generate(
 
 
 def _api_metrics(teacher: Teacher) -> dict[str, float]:
-    """An API teacher's spend (all attempts of the stage), paid requests and failed samples; and the
-    remote teacher's energy where the user gave an estimate per token (labelled: estimated)."""
-    spend = getattr(teacher, "spend", None)
-    if spend is None:
+    """An API teacher's spend (all attempts of the stage), paid requests and failed samples."""
+    from dist_bench.teacher.api import ApiTeacher  # no client imported: the module loads openai lazily
+
+    if not isinstance(teacher, ApiTeacher):
         return {}
-    metrics = {
-        "generation/spend_usd": spend.spent,
-        "generation/paid_requests": spend.paid_requests,
-        "generation/failed_samples": len(teacher.failures),  # type: ignore[attr-defined]
+    return {
+        "generation/spend_usd": teacher.spend.spent,
+        "generation/paid_requests": teacher.spend.paid_requests,
+        "generation/failed_samples": len(teacher.failures),
     }
-    return metrics
 
 
 def _log_api_metrics(teacher: Teacher) -> None:
