@@ -69,13 +69,13 @@ def sft(config: ConfigOption = None, overrides: Overrides = None, ablations: Abl
 
 @app.command("dpo")
 def dpo(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
-    """Preference pairs (preferences.path) -> DPO of the policy (student.model) -> evaluation (the same
-    optimizer, precision and token budget rule as kd and sft)."""
+    """Preference pairs built by the teacher (preferences.method) or read (preferences.path) -> DPO of the
+    policy (student.model) -> evaluation (the same optimizer, precision and token budget rule as kd and sft)."""
     _student_pipeline("dpo", config, overrides, ablations)
 
 
 def _student_pipeline(name: str, config: Path | None, overrides: list[str] | None, ablations: bool) -> None:
-    """kd or sft: pre-flight, then the pipeline, or every point of the config's ablations grid (each
+    """kd, sft or dpo: pre-flight, then the pipeline, or every point of the config's ablations grid (each
     pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work."""
     cfg = _load(config, overrides)
     checks = None if ablations else _preflight(cfg, name)  # before the heavy imports: bad input fails fast
@@ -145,6 +145,17 @@ def _generation_plan(cfg: RunConfig) -> str:
                      f"{api.price.output_per_million:g} per million prompt / completion tokens{budget}")  # fmt: skip
         lines.append("(responses already cached or journaled cost nothing and are counted here all the same)")
     return "\n".join(lines)
+
+
+@app.command("preferences")
+def preferences(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """The teacher builds preference pairs (preferences.method); a later dpo with the same settings reuses them."""
+    cfg = _load(config, overrides)
+    checks = _preflight(cfg, "preferences")
+    from dist_bench import pipeline
+
+    run = _guarded(lambda: pipeline.build_preferences(cfg, checks))
+    _print_stages(run)
 
 
 @app.command("cache_logits")
@@ -223,7 +234,7 @@ def prerun_(
 @app.command("validate")
 def validate(
     pipeline: Annotated[
-        Literal["kd", "sft", "generate", "cache_logits", "eval", "prerun", "report"],
+        Literal["kd", "sft", "dpo", "generate", "preferences", "cache_logits", "eval", "prerun", "report"],
         typer.Argument(help="what would be run"),
     ],
     config: ConfigOption = None,

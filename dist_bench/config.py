@@ -292,8 +292,16 @@ class GenerationConfig(Strict):
 
 
 class PreferencesConfig(Strict):
-    """The preference pairs the dpo pipeline trains on."""
+    """The preference pairs the dpo pipeline trains on: built by the teacher (`method`, in stage
+    teacher_generation from data.train's prompts and generation.*'s decoding) or read (`path`)."""
 
+    method: Literal["verified", "teacher_vs_student", "judge"] | None = Field(
+        None,
+        description="verified: of generation.n teacher samples per prompt, one whose answer matches the "
+        "reference against one that does not; teacher_vs_student: the teacher's completion against the "
+        "policy init's (student.model); judge: a judge rates generation.n teacher samples, best against "
+        "worst; unset: read preferences.path",
+    )
     path: str | None = Field(
         None,
         description="existing pairs: prompt/chosen/rejected in TRL's standard (strings) or conversational "
@@ -302,6 +310,24 @@ class PreferencesConfig(Strict):
     )
     split: str = Field("train", description="split of a Hub dataset or a saved DatasetDict")
     subset: str | None = Field(None, description="Hub dataset config (subset) name")
+    verify: Literal["gsm8k", "boxed", "exact", "auto"] = Field(
+        "auto",
+        description="verified: how an answer is compared with the reference (as generation.filters.verify)",
+    )
+    judge: TeacherSpec | None = Field(
+        None,
+        description="judge: the model that rates the samples, a local model or an OpenAI-compatible API "
+        "(judge.api, as teacher.api); unset: the teacher judges its own samples",
+    )
+    judge_max_new_tokens: int = Field(
+        64, ge=1, description="judge: room for its verdict, which must contain 'Rating: [[n]]' (1 to 10)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PreferencesConfig:
+        if self.method is not None and self.path is not None:
+            raise ValueError("set preferences.method (build pairs) or preferences.path (read them), not both")
+        return self
 
 
 # trl.DPOConfig.loss_type's values (TRL 1.x)
@@ -314,12 +340,37 @@ class DPOSettings(Strict):
     comes from train.*, as for kd and sft."""
 
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the reference (KL weight)")
-    loss_type: DPOLoss = Field("sigmoid", description="TRL's DPO loss (sigmoid: the DPO paper's)")
+    loss_type: DPOLoss | list[DPOLoss] = Field(
+        "sigmoid",
+        description="TRL's DPO loss (sigmoid: the DPO paper's), or several summed with loss_weights, e.g. "
+        "[sigmoid, sft]: RPO (DPO plus the chosen answers' NLL), which keeps the chosen answers likely",
+    )
+    loss_weights: list[float] | None = Field(
+        None, description="one weight per loss_type entry; unset: 1 each"
+    )
     precompute_ref_log_probs: bool = Field(
         False,
         description="one reference pass over the pairs before training (inside the stage's energy window, "
         "its tokens counted) instead of a reference forward every step",
     )
+    heldout_pairs: int = Field(
+        0,
+        ge=0,
+        description="pairs held out of training (a seeded draw): after training the policy's reward "
+        "accuracy and margins on them are logged as heldout/rewards/*",
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self) -> DPOSettings:
+        losses = self.losses()
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(
+                f"dpo.loss_weights: {len(self.loss_weights)} weights for {len(losses)} loss types"
+            )
+        return self
+
+    def losses(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
 
 class AblationsConfig(Strict):

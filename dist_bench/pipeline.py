@@ -2,8 +2,9 @@
 
     kd            prerun? -> logit_caching -> student_train -> eval      (dist-bench kd / mlflow run . -e kd)
     sft           prerun? -> teacher_generation? -> student_train -> eval  (dist-bench sft / mlflow run . -e sft)
-    dpo           prerun? -> dpo_training -> eval              (dist-bench dpo / mlflow run . -e dpo)
+    dpo           prerun? -> teacher_generation? -> dpo_training -> eval   (dist-bench dpo / mlflow run . -e dpo)
     generate      teacher_generation                          (dist-bench generate)
+    preferences   teacher_generation, preference mode         (dist-bench preferences)
     prerun        prerun: idle baseline, burn-in, sampling check, hardware (dist-bench prerun)
     cache_logits  logit_caching                               (dist-bench cache_logits)
     eval          eval of one model                           (dist-bench eval --model ...)
@@ -24,7 +25,7 @@ from dist_bench.config import ConfigError, RunConfig, load_config
 from dist_bench.evaluation import stage as eval_stage
 from dist_bench.student import dpo as dpo_stage
 from dist_bench.student import stage as student_stage
-from dist_bench.teacher import generation, logit_cache
+from dist_bench.teacher import generation, logit_cache, preferences
 from dist_bench.tracking import ParentRun, pipeline_run
 
 
@@ -84,15 +85,16 @@ def sft(
 def dpo(
     cfg: RunConfig, checks: list[preflight.Check] | None = None, tags: dict[str, str] | None = None
 ) -> ParentRun:
-    """The policy (student.model: any model spec, e.g. runs:/<sft run>/final_model) trained by DPO on
-    preferences.path's pairs."""
+    """The policy (student.model: any model spec, e.g. runs:/<sft run>/final_model) trained by DPO on pairs
+    the teacher built (preferences.method) or on preferences.path's."""
     checks = preflight.dpo(cfg) if checks is None else checks
     with pipeline_run(
         cfg, "dpo", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
     ) as parent:
         if cfg.prerun.enabled:
             prerun.run_stage(parent)
-        policy = dpo_stage.run(parent)
+        generated = preferences.run(parent) if cfg.preferences.method is not None else None
+        policy = dpo_stage.run(parent, generated)
         eval_stage.run(
             parent,
             model=str(policy.outputs["final_policy"]),
@@ -143,6 +145,14 @@ def generate(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> Par
     checks = preflight.generate(cfg) if checks is None else checks
     with pipeline_run(cfg, "generate", f"{cfg.name}-generate", _identity_tags(cfg), checks) as parent:
         generation.run(parent)
+    return parent
+
+
+def build_preferences(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
+    """teacher_generation in preference mode alone; a later `dpo` with the same settings reuses its pairs."""
+    checks = preflight.preferences(cfg) if checks is None else checks
+    with pipeline_run(cfg, "preferences", f"{cfg.name}-preferences", _identity_tags(cfg), checks) as parent:
+        preferences.run(parent)
     return parent
 
 

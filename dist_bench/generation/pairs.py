@@ -2,6 +2,7 @@
 
     pairs, report = verified_pairs(rows)                           # chosen: right answer, rejected: wrong
     pairs, report = teacher_vs_student_pairs(teacher_rows, student_rows)   # chosen: teacher, rejected: init
+    pairs, report = judge_pairs(rows, ratings)                     # chosen: best rated, rejected: worst
     rows = [pair.to_trl() for pair in pairs]
     mlflow.log_metrics(report.metrics())
     rows = read_pairs("data/prefs.jsonl")                          # pairs someone else built, validated
@@ -23,6 +24,7 @@ completion with prompt_id, sample, prompt, reference, completion, finish_reason.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
@@ -38,6 +40,21 @@ VerifyMode = Literal["gsm8k", "boxed", "exact", "auto"]
 VERIFY_MODES = ("gsm8k", "boxed", "exact", "auto")
 VERIFIED_REASONS = ("no_reference", "unreadable_reference", "no_correct", "no_incorrect")
 TEACHER_VS_STUDENT_REASONS = ("teacher_failed", "missing_student", "student_failed", "identical")
+JUDGE_REASONS = ("unrated", "tie")
+
+# The judge's instructions: MT-Bench's single-answer grading prompt (Zheng et al. 2023, "single-v1"), whose
+# "Rating: [[n]]" verdict format judges are commonly tuned to; the request is shown as the judge would read
+# a transcript.
+JUDGE_TEMPLATE = (
+    "Please act as an impartial judge and evaluate the quality of the response provided by an AI assistant "
+    "to the user question displayed below. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of the response. Begin your evaluation by "
+    "providing a short explanation. Be as objective as possible. After providing your explanation, you must "
+    'rate the response on a scale of 1 to 10 by strictly following this format: "[[rating]]", for example: '
+    '"Rating: [[5]]".\n\n[Question]\n{question}\n\n[The Start of Assistant\'s Answer]\n{answer}\n'
+    "[The End of Assistant's Answer]"
+)
+_RATING = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 _MESSAGE_KEYS = ("role", "content")
 
@@ -156,6 +173,52 @@ def teacher_vs_student_pairs(
         else:
             pairs.append(_pair(prompt_id, chosen, rejected))
     return pairs, PairReport(len(teacher), len(pairs), dropped)
+
+
+def judge_question(prompt: str | list[dict]) -> str:
+    """The request as the judge reads it: a text prompt as it is, a conversation as "role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{message['role']}: {message['content']}" for message in prompt)
+
+
+def parse_rating(verdict: str) -> float | None:
+    """The judge's rating: the last "[[n]]" in its verdict, if 1 <= n <= 10 (the last: an explanation may
+    quote the format before giving its own)."""
+    found = _RATING.findall(verdict)
+    if not found:
+        return None
+    rating = float(found[-1])
+    return rating if 1 <= rating <= 10 else None
+
+
+def judge_pairs(
+    rows: list[dict], ratings: dict[tuple[int, int], float | None]
+) -> tuple[list[Pair], PairReport]:
+    """Per prompt, chosen = the best-rated sample, rejected = the worst-rated (the lowest sample index among
+    equals). `ratings`: (prompt_id, sample) -> the judge's rating, None where it gave none. Failed or blank
+    rows and unrated samples take no part. Drops: "unrated" (fewer than two rated samples), "tie" (every
+    rated sample rated the same). Output in prompt_id order."""
+    groups = _by_prompt(rows)
+    dropped = dict.fromkeys(JUDGE_REASONS, 0)
+    pairs: list[Pair] = []
+    for prompt_id, group in sorted(groups.items()):
+        rated = [
+            (rating, row)
+            for row in group
+            if not _failed(row) and (rating := ratings.get((prompt_id, row["sample"]))) is not None
+        ]
+        if len(rated) < 2:
+            dropped["unrated"] += 1
+            continue
+        # max/min return the first of equals, and `rated` is in sample order
+        best = max(rated, key=lambda item: item[0])
+        worst = min(rated, key=lambda item: item[0])
+        if best[0] == worst[0]:
+            dropped["tie"] += 1
+        else:
+            pairs.append(_pair(prompt_id, best[1], worst[1]))
+    return pairs, PairReport(len(groups), len(pairs), dropped)
 
 
 def read_pairs(source: str, *, split: str = "train", subset: str | None = None) -> list[dict]:

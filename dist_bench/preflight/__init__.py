@@ -8,7 +8,7 @@ is cheap first, so that the commonest mistakes (a path, a typo'd id, a dead serv
 second: tracking store, run dir, model specs, data file, devices; then what needs transformers and lm-eval
 (configs, tokenizers, vocabularies, top-k, tasks, generation length) and the disk the logit cache will
 fill. Nothing here loads weights or writes a file. Every stage adds its checks to its pipeline's function
-below (dpo will: judges, API base URLs).
+below.
 
     __init__.py    the pipelines: which checks each runs, in which order
     store.py       tracking store, folders, devices
@@ -28,6 +28,7 @@ from dist_bench.preflight.data import (
     cache_disk,
     data_records,
     planned_cache_bytes,
+    preference_generation,
     preference_pairs,
     teacher_generation,
 )
@@ -51,10 +52,10 @@ from dist_bench.preflight.store import (
 __all__ = [
     "DEFAULT_TRACKING_URI", "PIPELINES", "Check", "DataScan", "ModelFacts", "ModelSource", "PreflightError",
     "cache_logits", "data_records", "evaluate", "generate", "kd", "model_facts", "model_source",
-    "planned_cache_bytes", "prerun", "report", "run", "sft", "tracking_uri",
+    "planned_cache_bytes", "preferences", "prerun", "report", "run", "sft", "tracking_uri",
 ]  # fmt: skip
 
-PIPELINES = ("kd", "sft", "dpo", "generate", "cache_logits", "eval", "prerun", "report")
+PIPELINES = ("kd", "sft", "dpo", "generate", "preferences", "cache_logits", "eval", "prerun", "report")
 
 
 def run(
@@ -71,6 +72,8 @@ def run(
         return cache_logits(cfg)
     if pipeline == "generate":
         return generate(cfg)
+    if pipeline == "preferences":
+        return preferences(cfg)
     if pipeline == "eval":
         if not eval_model:
             raise PreflightError("--model: required for the eval pipeline")
@@ -122,14 +125,20 @@ def sft(cfg: RunConfig) -> list[Check]:
 
 
 def dpo(cfg: RunConfig) -> list[Check]:
-    """dpo_training -> eval: the policy, the pairs (every row, TRL's form), devices, tasks."""
+    """teacher_generation? -> dpo_training -> eval: the policy; the models that build the pairs, or the pairs
+    (every row, TRL's form); devices, tasks."""
     checks = [
         pipeline_matches(cfg, "dpo"),
         tracking_store(),
         writable_dir("output.run_dir", cfg.output.run_dir),
     ]
     policy_source = model_source("student.model", cfg.student)
-    checks += [policy_source.check, preference_pairs(cfg)]
+    checks.append(policy_source.check)
+    if cfg.preferences.method is not None:  # the teacher builds the pairs first
+        data = data_records(cfg)
+        checks += [data.check, *preference_generation(cfg, data)]
+    else:
+        checks.append(preference_pairs(cfg))
     checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     policy = model_facts(policy_source, cfg.student)
     return [*checks, eval_tasks(cfg.eval, policy)]
@@ -141,6 +150,18 @@ def generate(cfg: RunConfig) -> list[Check]:
     data = data_records(cfg)
     checks += [data.check, *teacher_generation(cfg, data), device("train.device", cfg.train.device)]
     return checks
+
+
+def preferences(cfg: RunConfig) -> list[Check]:
+    """teacher_generation in preference mode alone: every model that writes, the prompts, the method."""
+    if cfg.preferences.method is None:
+        raise PreflightError(
+            "preferences.method: unset; the preferences entry point builds pairs (verified, "
+            "teacher_vs_student or judge)"
+        )
+    checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
+    data = data_records(cfg)
+    return [*checks, data.check, *preference_generation(cfg, data), device("train.device", cfg.train.device)]
 
 
 def pipeline_matches(cfg: RunConfig, pipeline: str) -> Check:

@@ -12,7 +12,8 @@ from dist_bench.redact import treat_as_secret
 PROBE_TIMEOUT_S = 15.0
 
 
-def api_teacher(api: ApiTeacherConfig) -> Check:
+def api_teacher(api: ApiTeacherConfig, field: str = "teacher.api") -> Check:
+    """`field`: where the API is configured (teacher.api, preferences.judge.api), for the messages."""
     import openai
 
     key = ""
@@ -21,7 +22,7 @@ def api_teacher(api: ApiTeacherConfig) -> Check:
         key = os.environ.get(api.api_key_env, "")
         if not key:
             raise PreflightError(
-                f"teacher.api.api_key_env: the environment variable {api.api_key_env} is not set (it holds "
+                f"{field}.api_key_env: the environment variable {api.api_key_env} is not set (it holds "
                 "the API key; the key itself never goes in config)"
             )
     client = openai.OpenAI(
@@ -30,27 +31,23 @@ def api_teacher(api: ApiTeacherConfig) -> Check:
     try:
         served = [model.id for model in client.models.list()]
     except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
-        named = (
-            f"the key in {api.api_key_env}" if api.api_key_env else "no key (teacher.api.api_key_env unset)"
-        )
+        named = f"the key in {api.api_key_env}" if api.api_key_env else f"no key ({field}.api_key_env unset)"
         raise PreflightError(
-            f"teacher.api.api_key_env: {api.base_url} refused {named} ({err.status_code})"
+            f"{field}.api_key_env: {api.base_url} refused {named} ({err.status_code})"
         ) from None
     except openai.NotFoundError:  # a server without /models: nothing more to check without spending
-        return Check("teacher.api", f"{api.base_url} answers (no /models list); model {api.model}")
+        return Check(field, f"{api.base_url} answers (no /models list); model {api.model}")
     except openai.APIConnectionError as err:
         raise PreflightError(
-            f"teacher.api.base_url: cannot reach {api.base_url} ({type(err).__name__})"
+            f"{field}.base_url: cannot reach {api.base_url} ({type(err).__name__})"
         ) from None
     except openai.APIStatusError as err:
-        raise PreflightError(
-            f"teacher.api.base_url: {api.base_url}/models answered {err.status_code}"
-        ) from None
+        raise PreflightError(f"{field}.base_url: {api.base_url}/models answered {err.status_code}") from None
     finally:
         client.close()
     if api.model not in served:
         raise PreflightError(
-            f"teacher.api.model: {api.base_url} does not serve {api.model!r} (it serves: {', '.join(served[:10])})"
+            f"{field}.model: {api.base_url} does not serve {api.model!r} (it serves: {', '.join(served[:10])})"
         )
     budget = f"budget {api.budget:g}" if api.budget is not None else "no budget limit"
-    return Check("teacher.api", f"{api.base_url} serves {api.model}; key accepted; {budget}")
+    return Check(field, f"{api.base_url} serves {api.model}; key accepted; {budget}")

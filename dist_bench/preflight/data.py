@@ -131,6 +131,76 @@ def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
     ]
 
 
+def preference_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
+    """preferences.method: the teacher's generation checks, the sample count the method needs, and every
+    other model that writes in the stage (the policy init, the judge) loads and has room for its text."""
+    from dist_bench.generation.pairs import JUDGE_TEMPLATE
+    from dist_bench.teacher.interface import Prompt
+    from dist_bench.teacher.local import encode_prompt
+
+    prefs, gen = cfg.preferences, cfg.generation
+    if prefs.method == "teacher_vs_student" and gen.n != 1:
+        raise PreflightError(
+            f"generation.n: teacher_vs_student pairs each prompt's first answer; n={gen.n} would generate "
+            f"{gen.n - 1} unused per prompt (set generation.n=1)"
+        )
+    if prefs.method in ("verified", "judge") and gen.n < 2:
+        raise PreflightError(
+            f"generation.n: {prefs.method} pairs two of the teacher's samples per prompt; n={gen.n} "
+            "(set at least 2, with temperature > 0 so they differ)"
+        )
+    checks = teacher_generation(cfg, data)
+    messages = cfg.data.format == "messages"
+    if prefs.method == "teacher_vs_student":  # the policy init answers the same prompts
+        student = model_facts(model_source("student.model", cfg.student), cfg.student)
+        template = _teacher_template(cfg, student)
+        prompts = [Prompt.from_record(0, r, messages) for r in data.sample]
+        longest = max((len(encode_prompt(student.tokenizer, p, template)) for p in prompts), default=0)
+        _fits("student.model", student, longest + gen.max_new_tokens, "a prompt and its answer")
+        checks.append(
+            Check(
+                "preferences",
+                f"teacher_vs_student; the policy init answers too ({longest} tokens the longest sampled prompt)",
+            )
+        )
+    elif prefs.method == "judge":
+        judge = prefs.judge if prefs.judge is not None else cfg.teacher
+        field = "preferences.judge" if prefs.judge is not None else "teacher"
+        if judge.api is not None:
+            if prefs.judge is not None:  # the teacher's API is probed by teacher_generation already
+                from dist_bench.preflight.api import api_teacher
+
+                checks.append(api_teacher(judge.api, "preferences.judge.api"))
+        else:
+            source = model_source(f"{field}.model", judge)
+            facts = model_facts(source, judge)
+            template_tokens = len(facts.tokenizer(JUDGE_TEMPLATE)["input_ids"])
+            longest = max((len(facts.tokenizer(str(r.prompt if not messages else r.messages))["input_ids"])
+                           for r in data.sample), default=0)  # fmt: skip
+            room = template_tokens + longest + 4 * gen.max_new_tokens + prefs.judge_max_new_tokens
+            _fits(f"{field}.model", facts, room, "the grading prompt, a question, an answer and the verdict")
+            checks.append(source.check)
+        checks.append(
+            Check(
+                "preferences",
+                f"judge {judge.api.model if judge.api else judge.model} rates {gen.n} samples per prompt",
+            )
+        )
+    else:
+        checks.append(
+            Check("preferences", f"verified: {gen.n} samples per prompt, answers compared {prefs.verify}")
+        )
+    return checks
+
+
+def _fits(field: str, facts: ModelFacts, tokens: int, what: str) -> None:
+    context = getattr(facts.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and tokens > context:
+        raise PreflightError(
+            f"{field}: {what} take up to about {tokens} tokens, over its context of {context} tokens"
+        )
+
+
 def preference_pairs(cfg: RunConfig) -> Check:
     """preferences.path: set, readable, and every row a pair in TRL's standard or conversational form."""
     from dist_bench.errors import DataError
@@ -139,7 +209,8 @@ def preference_pairs(cfg: RunConfig) -> Check:
     prefs = cfg.preferences
     if prefs.path is None:
         raise PreflightError(
-            "preferences.path: the dpo pipeline needs preference pairs (prompt, chosen, rejected)"
+            "preferences.path: the dpo pipeline needs preference pairs (prompt, chosen, rejected): set "
+            "preferences.method for the teacher to build them, or preferences.path to read them"
         )
     try:
         pairs = read_pairs(prefs.path, split=prefs.split, subset=prefs.subset)
@@ -149,6 +220,11 @@ def preference_pairs(cfg: RunConfig) -> Check:
         raise PreflightError(f"preferences.path: {prefs.path}: {err}") from None
     if not pairs:
         raise PreflightError(f"preferences.path: {prefs.path} holds no pairs")
+    if cfg.dpo.heldout_pairs >= len(pairs):
+        raise PreflightError(
+            f"dpo.heldout_pairs: {cfg.dpo.heldout_pairs} held out of the {len(pairs)} pairs in {prefs.path} "
+            "leaves none to train on"
+        )
     form = "conversational" if isinstance(pairs[0]["prompt"], list) else "standard"
     return Check("preferences.path", f"{len(pairs)} pairs ({form} form) in {prefs.path}")
 

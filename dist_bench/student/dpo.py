@@ -1,7 +1,12 @@
 """Stage `dpo_training`: the policy learns the teacher's preferences through `trl.DPOTrainer`, inside the
 stage's energy window.
 
-    dist-bench dpo --config configs/experiments/<experiment>.yaml      (preferences.path: existing pairs)
+    dist-bench dpo --config configs/experiments/tiny_dpo.yaml    (pairs from teacher_generation first)
+
+The pairs come from the teacher_generation stage in preference mode (teacher/preferences.py), or from
+preferences.path. dpo.heldout_pairs of them (a seeded draw) are kept out of training; after it, the
+policy's reward accuracy and margins on them are `heldout/rewards/*`: does it prefer what the teacher
+prefers on pairs it never saw?
 
 Everything but the loss is the shared student trainer's (student/trainer.py): optimizer, schedule,
 precision, checkpoints (a killed stage resumes from the newest complete one), logging into the stage
@@ -14,7 +19,9 @@ stage's `tokens` is both. The final policy is `final_policy/`, loadable with fro
 
 from __future__ import annotations
 
+import random
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
@@ -26,6 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import data_fingerprint
+from dist_bench.errors import DataError
 from dist_bench.generation.pairs import read_pairs
 from dist_bench.student.trainer import (
     PlannedOrder,
@@ -37,33 +45,65 @@ from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork,
 
 STAGE = "dpo_training"
 TOKEN_COUNTING = (
-    "tokens = policy_tokens + reference_tokens; a pair counts its prompt twice plus both answers (what the "
-    "forward processes, no padding); reference_tokens: the reference model's passes over the same pairs"
+    "tokens = policy_tokens + reference_tokens + 2 x held-out pair tokens; a pair counts its prompt twice "
+    "plus both answers (what the forward processes, no padding); reference_tokens: the reference model's "
+    "passes over the same pairs; held-out pairs: one policy and one reference pass after training"
 )
 LOGGED = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
           "rewards/accuracies", "logps/chosen", "logps/rejected")  # fmt: skip
 
 
-def run(parent: ParentRun) -> StageResult:
+def run(parent: ParentRun, generated: StageResult | None = None) -> StageResult:
+    """`generated`: the teacher_generation stage that built the pairs (preferences.method); None: the pairs
+    are preferences.path's."""
     cfg = parent.cfg
     prefs = cfg.preferences
-    pairs_source = cfg.data.model_copy(
-        update={"train": prefs.path, "split": prefs.split, "subset": prefs.subset}
-    )
+    if generated is not None:
+        pairs = PairsSource(str(generated.outputs["pairs"]), "train", None)
+        source_params = {"preferences.fingerprint": generated.fingerprints["pairs"]}
+    else:
+        pairs = PairsSource(prefs.path, prefs.split, prefs.subset)  # type: ignore[arg-type]
+        source = cfg.data.model_copy(
+            update={"train": prefs.path, "split": prefs.split, "subset": prefs.subset}
+        )
+        source_params = {
+            **flatten(prefs.model_dump(include={"path", "split", "subset"}), "preferences."),
+            "preferences.fingerprint": data_fingerprint(source),
+        }
     params = {
         **flatten(cfg.student.model_dump(), "student."),
         **flatten(cfg.train.model_dump(), "train."),
         **flatten(cfg.dpo.model_dump(), "dpo."),
-        **flatten(prefs.model_dump(), "preferences."),
+        **source_params,
         "data.max_length": str(cfg.data.max_length),
-        "preferences.fingerprint": data_fingerprint(pairs_source),
         "student.fingerprint": models.fingerprint(cfg.student.model, cfg.student.revision),
         "seed": str(cfg.seed),
         "device": models.pick_device(cfg.train.device).type,
     }
     return execute_stage(
-        parent, STAGE, params, lambda ctx: train(cfg, ctx), tags={"dist_bench.student": cfg.student.model}
+        parent,
+        STAGE,
+        params,
+        lambda ctx: train(cfg, ctx, pairs),
+        tags={"dist_bench.student": cfg.student.model},
     )
+
+
+@dataclass(frozen=True)
+class PairsSource:
+    """Where the pairs are read from (read_pairs' arguments)."""
+
+    path: str
+    split: str
+    subset: str | None
+
+
+def split_heldout(n_pairs: int, heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) pair indices, each ascending: `heldout` drawn with the run's seed."""
+    if heldout >= n_pairs:
+        raise DataError(f"dpo.heldout_pairs: {heldout} held out of {n_pairs} pairs leaves none to train on")
+    held = set(random.Random(seed).sample(range(n_pairs), heldout))
+    return [i for i in range(n_pairs) if i not in held], sorted(held)
 
 
 class PolicyTrainer(DPOTrainer):
@@ -82,22 +122,32 @@ class DPOMetricsCallback(TrainerCallback):
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.last: dict[str, float] = {}
+        self.heldout: dict[str, float] = {}  # heldout/<metric>: the evaluation on the held-out pairs
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-        metrics = {f"train/{k}": float(v) for k, v in (logs or {}).items() if k in LOGGED}
+        logs = logs or {}
+        metrics = {f"train/{k}": float(v) for k, v in logs.items() if k in LOGGED}
         if metrics:
             self.last.update(metrics)
             self.ctx.log_metrics(metrics, step=state.global_step)
+        heldout = {
+            f"heldout/{k[5:]}": float(v) for k, v in logs.items() if k[5:] in LOGGED and k[:5] == "eval_"
+        }
+        if heldout:
+            self.heldout.update(heldout)
+            self.ctx.log_metrics(heldout, step=state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.ctx.commit_energy()
 
 
-def train(cfg: RunConfig, ctx: StageContext) -> StageWork:
+def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
     device = models.pick_device(cfg.train.device)
     tokenizer = models.load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    pairs = Dataset.from_list(read_pairs(cfg.preferences.path, split=cfg.preferences.split,
-                                         subset=cfg.preferences.subset))  # fmt: skip
+    every_pair = read_pairs(source.path, split=source.split, subset=source.subset)
+    training, heldout = split_heldout(len(every_pair), cfg.dpo.heldout_pairs, cfg.seed)
+    pairs = Dataset.from_list([every_pair[i] for i in training])
+    heldout_pairs = Dataset.from_list([every_pair[i] for i in heldout]) if heldout else None
     policy = models.load_model(
         cfg.student.model,
         device,
@@ -110,14 +160,20 @@ def train(cfg: RunConfig, ctx: StageContext) -> StageWork:
     args = DPOConfig(
         **shared_arguments(cfg, checkpoints, 1, device),  # max_steps set from the plan below
         beta=cfg.dpo.beta,
-        loss_type=[cfg.dpo.loss_type],
+        loss_type=cfg.dpo.losses(),
+        loss_weights=cfg.dpo.loss_weights,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         max_length=cfg.data.max_length,
         dataloader_pin_memory=device.type == "cuda",
     )
     callback = DPOMetricsCallback(ctx)
     trainer = PolicyTrainer(
-        model=policy, args=args, train_dataset=pairs, processing_class=tokenizer, callbacks=[callback]
+        model=policy,
+        args=args,
+        train_dataset=pairs,
+        eval_dataset=heldout_pairs,  # given here: with precompute_ref_log_probs its reference pass is now
+        processing_class=tokenizer,
+        callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)
     # TRL tokenized the pairs (prompt_ids, chosen_ids, rejected_ids, truncated to max_length): plan on them
@@ -128,6 +184,11 @@ def train(cfg: RunConfig, ctx: StageContext) -> StageWork:
         resume_from_checkpoint=str(last) if (last := last_complete_checkpoint(checkpoints)) else None
     )
 
+    heldout_tokens = 0
+    if heldout_pairs is not None:  # the trained policy's preferences on pairs it never saw
+        trainer.evaluate()
+        heldout_tokens = sum(_pair_tokens(row) for row in trainer.eval_dataset)
+
     final_dir = ctx.stage_dir / "final_policy"
     if final_dir.exists():
         shutil.rmtree(final_dir)
@@ -136,7 +197,7 @@ def train(cfg: RunConfig, ctx: StageContext) -> StageWork:
     policy_tokens = sum(lengths[i] for step in trainer.plan[:steps] for micro in step for i in micro)
     reference_tokens = sum(lengths) if cfg.dpo.precompute_ref_log_probs else policy_tokens
     return StageWork(
-        tokens=policy_tokens + reference_tokens,
+        tokens=policy_tokens + reference_tokens + 2 * heldout_tokens,  # held out: policy and reference
         outputs={"final_policy": final_dir},
         fingerprints={"final_policy": models.fingerprint(str(final_dir))},
         metrics={
@@ -144,6 +205,8 @@ def train(cfg: RunConfig, ctx: StageContext) -> StageWork:
             "pairs": len(pairs),
             "policy_tokens": policy_tokens,
             "reference_tokens": reference_tokens,
+            "heldout_pairs": len(heldout),
+            **callback.heldout,
             **{f"final_{k.replace('/', '_')}": v for k, v in callback.last.items()},
         },
         details={"steps": steps, "method": "dpo", "token_counting": TOKEN_COUNTING},

@@ -29,15 +29,18 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dist_bench import models
-from dist_bench.config import DataConfig, RunConfig, flatten
+from dist_bench.config import DataConfig, ModelSpec, RunConfig, flatten
 from dist_bench.dataset import data_fingerprint, read_records
 from dist_bench.errors import DataError
 from dist_bench.generation.filters import Generated, apply_filters
 from dist_bench.teacher.interface import Decoding, Prompt, Teacher
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
+
+if TYPE_CHECKING:
+    import torch
 
 STAGE = "teacher_generation"
 FORMAT = "dist-bench-generation/1"
@@ -47,17 +50,8 @@ def run(parent: ParentRun) -> StageResult:
     cfg = parent.cfg
     api = cfg.teacher.api
     device = models.pick_device(cfg.train.device)
-    if api is not None:  # what the answers depend on; pace, budget, price and cache only how they are bought
-        teacher_params = {"teacher.api.base_url": api.base_url, "teacher.api.model": api.model,
-                          "teacher.api.endpoint": api.endpoint}  # fmt: skip
-    else:
-        teacher_params = {
-            **flatten(cfg.teacher.model_dump(exclude={"api"}), "teacher."),
-            "teacher.fingerprint": models.fingerprint(cfg.teacher.model, cfg.teacher.revision),
-            "device": device.type,
-        }
     params = {
-        **teacher_params,
+        **writer_params(cfg.teacher, "teacher", device),
         **flatten(cfg.data.model_dump(), "data."),
         **flatten(cfg.generation.model_dump(), "generation."),
         "generation.seed": str(seed_of(cfg)),
@@ -65,24 +59,52 @@ def run(parent: ParentRun) -> StageResult:
     }
 
     def work(ctx: StageContext) -> StageWork:
-        if api is not None:
-            from dist_bench.teacher.api import ApiTeacher
-
-            cache = Path(cfg.output.run_dir) / api.cache_dir
-            teacher: Teacher = ApiTeacher(api, ctx.stage_dir / "generation" / "api-samples", cache)
-        else:
-            from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
-
-            teacher = LocalTeacher.load(cfg, device)
-        return generate(teacher, cfg, ctx.stage_dir / "generation", ctx.commit_energy)
+        out = ctx.stage_dir / "generation"
+        return generate(
+            load_writer(cfg, cfg.teacher, out / "api-samples", device), cfg, out, ctx.commit_energy
+        )
 
     name = api.model if api is not None else cfg.teacher.model
-    remote = None
-    if api is not None and cfg.energy.gpu_devices is None:  # with gpu_devices: the local server's GPUs
-        remote = "remote teacher: its GPUs cannot be measured from here (energy.gpu_devices names local ones)"
     return execute_stage(
-        parent, STAGE, params, work, tags={"dist_bench.teacher": name}, gpu_unmeasured=remote
+        parent, STAGE, params, work, tags={"dist_bench.teacher": name}, gpu_unmeasured=unmeasured_gpu(cfg)
     )
+
+
+def writer_params(spec: ModelSpec, prefix: str, device: torch.device) -> dict[str, str]:
+    """What a writer's completions depend on: an API's server, model and endpoint (pace, budget, price and
+    cache change only how they are bought), or a local model's spec, weights and device."""
+    api = getattr(spec, "api", None)
+    if api is not None:
+        return {f"{prefix}.api.base_url": api.base_url, f"{prefix}.api.model": api.model,
+                f"{prefix}.api.endpoint": api.endpoint}  # fmt: skip
+    return {
+        **flatten(spec.model_dump(exclude={"api"}), f"{prefix}."),
+        f"{prefix}.fingerprint": models.fingerprint(spec.model, spec.revision),
+        "device": device.type,
+    }
+
+
+def load_writer(
+    cfg: RunConfig, spec: ModelSpec, journal: Path, device: torch.device, own_template: bool = False
+) -> Teacher:
+    """A model that writes completions: behind an API (spec.api; its per-sample journal in `journal`), or
+    loaded here (`own_template`: conversations through the model's own chat template, not the data's)."""
+    api = getattr(spec, "api", None)
+    if api is not None:
+        from dist_bench.teacher.api import ApiTeacher
+
+        return ApiTeacher(api, journal, Path(cfg.output.run_dir) / api.cache_dir)
+    from dist_bench.teacher.local import LocalTeacher  # torch and transformers only when generating
+
+    return LocalTeacher.load(cfg, device, spec, own_template)
+
+
+def unmeasured_gpu(cfg: RunConfig) -> str | None:
+    """Why the stage's GPU energy cannot be measured here: a remote teacher, unless energy.gpu_devices names
+    the local GPUs its server runs on."""
+    if cfg.teacher.api is not None and cfg.energy.gpu_devices is None:
+        return "remote teacher: its GPUs cannot be measured from here (energy.gpu_devices names local ones)"
+    return None
 
 
 def seed_of(cfg: RunConfig) -> int:
@@ -107,27 +129,10 @@ def generate(
     prompts = read_prompts(cfg)
     decoding = Decoding.from_config(gen)
     shard_dir = out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(prompts) + gen.shard_size - 1) // gen.shard_size
-    for shard in range(n_shards):
-        path = shard_dir / f"shard-{shard:05d}.jsonl"
-        if path.exists():
-            continue
-        chunk = prompts[shard * gen.shard_size : (shard + 1) * gen.shard_size]
-        try:
-            completions = teacher.generate(chunk, decoding, seed_of(cfg))
-        except Exception:
-            _log_api_metrics(teacher)  # a budget stop still records what was spent and fetched
-            raise
-        lines = [
-            _row(prompt, sample, completion, teacher.identity(), decoding)
-            for prompt, samples in zip(chunk, completions, strict=True)
-            for sample, completion in enumerate(samples)
-        ]
-        _write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
-        on_shard_committed()
-
-    rows = [json.loads(line) for shard in range(n_shards) for line in _shard_lines(shard_dir, shard)]
+    rows = write_shards(
+        teacher, prompts, decoding, seed_of(cfg), shard_dir, gen.shard_size, on_shard_committed
+    )
+    n_shards = shard_count(len(prompts), gen.shard_size)
     kept, report = apply_filters([_generated(row) for row in rows], gen.filters)
     kept_keys = {(g.prompt_id, g.sample) for g in kept}
     train = [
@@ -138,8 +143,8 @@ def generate(
             f"teacher_generation: the filters kept none of {len(rows)} completions "
             f"(see {out / 'filter_report.json'}); nothing to train on"
         )
-    _write_atomic(out / "train.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in train).encode())
-    _write_atomic(out / "filter_report.json", json.dumps(report.to_json(), indent=2).encode())
+    write_atomic(out / "train.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in train).encode())
+    write_atomic(out / "filter_report.json", json.dumps(report.to_json(), indent=2).encode())
     prefill = sum(row["prompt_tokens"] for row in rows)  # each of the n samples reads its prompt
     decode = sum(row["completion_tokens"] for row in rows)
     manifest = {
@@ -152,11 +157,11 @@ def generate(
         "teacher": teacher.identity(),
         "decoding": decoding.to_dict(),
         "seed": seed_of(cfg),
-        "shards": [_sha256(shard_dir / f"shard-{i:05d}.jsonl") for i in range(n_shards)],
-        "train_sha256": _sha256(out / "train.jsonl"),
+        "shards": [sha256_of(shard_dir / f"shard-{i:05d}.jsonl") for i in range(n_shards)],
+        "train_sha256": sha256_of(out / "train.jsonl"),
     }
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    metrics = _api_metrics(teacher)
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    metrics = api_metrics(teacher)
     api = cfg.teacher.api
     if api is not None and api.energy_j_per_token is not None:  # the user's figure, not a measurement
         metrics["estimated_teacher_energy_j"] = api.energy_j_per_token * decode
@@ -177,7 +182,51 @@ def generate(
     )
 
 
-def _api_metrics(teacher: Teacher) -> dict[str, float]:
+def write_shards(
+    writer: Teacher | None,
+    prompts: list[Prompt],
+    decoding: Decoding,
+    seed: int,
+    shard_dir: Path,
+    shard_size: int,
+    on_shard_committed: Callable[[], None] = lambda: None,
+) -> list[dict]:
+    """Every missing shard of `writer`'s completions of `prompts`, then all rows, in shard order. A shard
+    is written whole (temporary name, then renamed), so one that exists is complete and is not redone.
+    `writer` None: every shard exists already (see shards_complete; a resumed stage need not load it)."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_shards = shard_count(len(prompts), shard_size)
+    for shard in range(n_shards):
+        path = shard_dir / f"shard-{shard:05d}.jsonl"
+        if path.exists():
+            continue
+        if writer is None:
+            raise ValueError(f"{path}: missing, and no writer to write it")
+        chunk = prompts[shard * shard_size : (shard + 1) * shard_size]
+        try:
+            completions = writer.generate(chunk, decoding, seed)
+        except Exception:
+            _log_api_metrics(writer)  # a budget stop still records what was spent and fetched
+            raise
+        lines = [
+            _row(prompt, sample, completion, writer.identity(), decoding)
+            for prompt, samples in zip(chunk, completions, strict=True)
+            for sample, completion in enumerate(samples)
+        ]
+        write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
+        on_shard_committed()
+    return [json.loads(line) for shard in range(n_shards) for line in _shard_lines(shard_dir, shard)]
+
+
+def shard_count(prompts: int, shard_size: int) -> int:
+    return (prompts + shard_size - 1) // shard_size
+
+
+def shards_complete(shard_dir: Path, prompts: int, shard_size: int) -> bool:
+    return all((shard_dir / f"shard-{i:05d}.jsonl").exists() for i in range(shard_count(prompts, shard_size)))
+
+
+def api_metrics(teacher: Teacher | None) -> dict[str, float]:
     """An API teacher's spend (all attempts of the stage), paid requests and failed samples."""
     from dist_bench.teacher.api import ApiTeacher  # no client imported: the module loads openai lazily
 
@@ -190,10 +239,10 @@ def _api_metrics(teacher: Teacher) -> dict[str, float]:
     }
 
 
-def _log_api_metrics(teacher: Teacher) -> None:
+def _log_api_metrics(teacher: Teacher | None) -> None:
     import mlflow
 
-    if mlflow.active_run() is not None and (metrics := _api_metrics(teacher)):
+    if mlflow.active_run() is not None and (metrics := api_metrics(teacher)):
         mlflow.log_metrics(metrics)
 
 
@@ -241,11 +290,11 @@ def _shard_lines(shard_dir: Path, shard: int) -> list[str]:
     return (shard_dir / f"shard-{shard:05d}.jsonl").read_text(encoding="utf-8").splitlines()
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

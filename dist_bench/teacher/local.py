@@ -25,7 +25,7 @@ import transformers
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dist_bench import models
-from dist_bench.config import RunConfig
+from dist_bench.config import ModelSpec, RunConfig
 from dist_bench.dataset import chat_template
 from dist_bench.teacher.interface import Completion, Decoding, Prompt
 from dist_bench.teacher.static_decode import StaticDecoder
@@ -92,12 +92,18 @@ class LocalTeacher:
         )
 
     @classmethod
-    def load(cls, cfg: RunConfig, device: torch.device) -> LocalTeacher:
-        """cfg.teacher, rendering conversations with data.chat_template or the teacher's own template."""
-        spec = cfg.teacher
+    def load(
+        cls, cfg: RunConfig, device: torch.device, spec: ModelSpec | None = None, own_template: bool = False
+    ) -> LocalTeacher:
+        """cfg.teacher, or another writer (`spec`: the policy init, a judge) with the same generation
+        settings, rendering conversations with data.chat_template or the model's own template
+        (`own_template`: always its own, for prompts that are not the data's, such as a judge's)."""
+        spec = cfg.teacher if spec is None else spec
         model = models.load_model(spec.model, device, spec.dtype, spec.revision, spec.trust_remote_code)
         tokenizer = models.load_tokenizer(spec.model, spec.revision, spec.trust_remote_code)
         template = chat_template(cfg.data, tokenizer) if cfg.data.format == "messages" else None
+        if own_template:
+            template = None  # apply_chat_template then takes the tokenizer's own
         identity = {
             "model": spec.model,
             "revision": spec.revision or "",

@@ -7,7 +7,8 @@ Two tasks in the formats of the benchmarks they stand in for, so the lm-eval tas
 - `tiny_mc` (MMLU format): {"question": ..., "choices": [4 strings], "answer": index}; accuracy by
   log-likelihood of " A"/" B"/" C"/" D".
 `kd_train.jsonl` renders both train splits as {"prompt", "completion"} with the same templates the task
-YAMLs use (a test checks they agree), which is what teachers are cached on and students trained on.
+YAMLs use (a test checks they agree), which is what teachers are cached on and students trained on;
+`kd_arith.jsonl` is its arithmetic records alone.
 Regenerate with `python -m dist_bench.tinyworld.build --data-only`.
 """
 
@@ -91,6 +92,10 @@ def write_corpus(out_dir: Path, seed: int = 0) -> dict[str, Path]:
         "mc_train": mc_train,
         "mc_eval": mc_eval,
         "kd_train": kd_records(arith_train, mc_train, seed),
+        # kd_train's arithmetic half, in its order: prompts with one checkable answer (tiny_dpo's pairs)
+        "kd_arith": [
+            r for r in kd_records(arith_train, mc_train, seed) if r["completion"].startswith(" ####")
+        ],
     }
     paths = {}
     for name, rows in files.items():
