@@ -8,7 +8,7 @@ Answer: ``words_per_answer`` words ``w<k>`` (k in 0..99) joined by single spaces
 The words come from sha256 of the request content (model, messages or prompt, seed, temperature, top_p;
 not max_tokens, so a truncated answer is a prefix of the full one). If max_tokens < words_per_answer the
 first max_tokens words are returned with finish_reason "length", otherwise all words with "stop".
-``stop`` is accepted and ignored.
+``stop`` is accepted and ignored. ``Behaviour.answer`` may script the text instead (a judge's verdicts).
 
 Token counting rule (so tests can compute exact usage): a token is a whitespace-separated word.
   chat:        prompt_tokens = words over all message contents + 4 per message
@@ -31,6 +31,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,9 @@ class Behaviour:
     tokens_per_minute: int | None = None  # set: x-ratelimit-*-tokens headers, enforced
     words_per_answer: int = 12  # answer length before max_tokens truncation
     send_usage: bool = True  # include "usage" in answers
+    # set: the answer's text for a request body (a judge's verdicts, say), or None for the default words;
+    # max_tokens still cuts it (words) and usage counts its words
+    answer: Callable[[dict], str | None] | None = None
 
 
 @dataclass
@@ -251,7 +255,11 @@ class ApiServer:
         if fault == "malformed":
             return Response(MALFORMED, media_type="application/json", headers=headers), fault, key, 0.0
 
-        words = [f"w{int(_sha([_sha(content), i])[:8], 16) % 100}" for i in range(b.words_per_answer)]
+        scripted = b.answer(body) if b.answer is not None else None
+        if scripted is not None:
+            words = scripted.split()
+        else:
+            words = [f"w{int(_sha([_sha(content), i])[:8], 16) % 100}" for i in range(b.words_per_answer)]
         truncated = isinstance(max_tokens, int) and max_tokens < len(words)
         words = words[: max(0, max_tokens)] if truncated else words
         text = "".join(" " + w for w in words)

@@ -12,8 +12,12 @@ import pytest
 
 from dist_bench.errors import DataError
 from dist_bench.generation.pairs import (
+    JUDGE_TEMPLATE,
     Pair,
     PairReport,
+    judge_pairs,
+    judge_question,
+    parse_rating,
     read_pairs,
     teacher_vs_student_pairs,
     verified_pairs,
@@ -197,6 +201,60 @@ def test_teacher_vs_student_refuses_rows_from_different_prompt_sets() -> None:
         teacher_vs_student_pairs([row(0, 0, "a")], [row(0, 0, "b", prompt="another question")])
     with pytest.raises(ValueError, match="prompt_id 0: the student's rows have no sample 0"):
         teacher_vs_student_pairs([row(0, 0, "a")], [row(0, 1, "b")])
+
+
+JUDGED_ROWS = [
+    # 0: ratings 4, 9, 2, 9 -> the first 9 (sample 1) against the 2 (sample 2)
+    row(0, 0, "a"), row(0, 1, "b"), row(0, 2, "c"), row(0, 3, "d"),
+    # 1: the best is unrated (no verdict), the error row takes no part: 3 against 1
+    row(1, 0, "a"), row(1, 1, "b"), row(1, 2, "", finish="error"), row(1, 3, "d"),
+    # 2: every rated sample 5: a tie
+    row(2, 0, "a"), row(2, 1, "b"),
+    # 3: one sample rated, one blank (failed): too few rated
+    row(3, 0, "a"), row(3, 1, "   "),
+    # 4: messages; two equal lowest, the first is rejected
+    row(4, 0, "x", prompt=CHAT), row(4, 1, "y", prompt=CHAT), row(4, 2, "z", prompt=CHAT),
+]  # fmt: skip
+RATINGS: dict[tuple[int, int], float | None] = {
+    (0, 0): 4, (0, 1): 9, (0, 2): 2, (0, 3): 9,
+    (1, 0): 3, (1, 1): None, (1, 2): 10, (1, 3): 1,
+    (2, 0): 5, (2, 1): 5,
+    (3, 0): 7, (3, 1): 9,
+    (4, 0): 8.5, (4, 1): 1, (4, 2): 1,
+}  # fmt: skip
+
+
+def test_judge_pairs_take_the_best_rated_against_the_worst() -> None:
+    pairs, report = judge_pairs(JUDGED_ROWS, RATINGS)
+    assert triples(pairs) == [(0, 1, 2), (1, 0, 3), (4, 0, 1)]
+    assert [(p.chosen, p.rejected) for p in pairs] == [("b", "c"), ("a", "d"), ("x", "y")]
+    assert pairs[2].prompt == CHAT
+    assert report.to_json() == {"prompts_in": 5, "pairs": 3, "dropped": {"unrated": 1, "tie": 1}}
+    assert report.metrics()["preferences/dropped/tie"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("verdict", "rating"),
+    [
+        ("Clear and correct. Rating: [[8]]", 8.0),
+        ('The format is "[[rating]]", e.g. "Rating: [[5]]". Mine: Rating: [[3]]', 3.0),  # the last one
+        ("Rating: [[7.5]]", 7.5),
+        ("Rating: [[0]]", None),  # outside 1..10
+        ("Rating: [[11]]", None),
+        ("Rating: 8", None),  # not the required format
+        ("", None),
+    ],
+)
+def test_parse_rating(verdict: str, rating: float | None) -> None:
+    assert parse_rating(verdict) == rating
+
+
+def test_the_judge_reads_the_question_and_the_answer() -> None:
+    assert judge_question("What is 2 + 2?") == "What is 2 + 2?"
+    assert judge_question(CHAT) == "system: Answer with one letter.\nuser: A, B or C?"
+    text = JUDGE_TEMPLATE.format(question="Q?", answer=" A.")
+    assert "[Question]\nQ?\n" in text and "[The Start of Assistant's Answer]\n A.\n[The End" in text
+    assert '"Rating: [[5]]"' in text
 
 
 def test_to_trl_standard_and_conversational() -> None:
