@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: the KD and SFT pipelines on the embedded tiny world (same student, data, trainer and token
-# budget), reference evaluations of the teacher and of the untrained student, then the standard table.
+# make demo: the KD, SFT and DPO pipelines on the embedded tiny world (the same trainer, precision and
+# token budget; KD and SFT from the untrained student, DPO from an under-trained one), reference
+# evaluations of the teacher and of both student inits, then the standard table.
 # Everything goes to ./mlflow.db (see README for the UI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ run() { mlflow run . --env-manager local --experiment-name "$experiment" "$@"; }
 
 run -e kd
 run -e sft
+run -e dpo
 run -e eval -P model=tinyworld:teacher
 run -e eval -P model=tinyworld:student-init
+run -e eval -P model=tinyworld:student-undertrained   # the dpo row's init
 run -e report -P experiment="$experiment"
