@@ -1,7 +1,8 @@
-"""Run the tiny-world KD pipeline on a CUDA GPU and dump what the stage runs recorded, as JSON.
+"""Run a tiny-world pipeline on a CUDA GPU and dump what the stage runs recorded, as JSON.
 
     python bench/pipeline_on_gpu.py --out $OUT          (on the GPU machine; results: docs/benchmarks.md)
     python bench/pipeline_on_gpu.py --out $OUT pipeline=sft      (the SFT pipeline instead)
+    python bench/pipeline_on_gpu.py --out $OUT --config configs/experiments/tiny_dpo.yaml   (DPO)
 
 Checks the CUDA code paths (bf16 autocast training, teacher caching on the GPU, lm-eval on cuda) and that
 every stage's GPU energy comes from NVML's energy counter, against a local sqlite MLflow store.
@@ -26,13 +27,14 @@ GPU = ["train.device=cuda", "train.precision=bf16", "eval.device=cuda", "teacher
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", default=None, help="experiment file (default: tiny_kd)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.out / 'mlflow.db'}")
-    cfg = load_config(None, [*GPU, f"output.run_dir={args.out / 'runs'}", *args.overrides])
+    cfg = load_config(args.config, [*GPU, f"output.run_dir={args.out / 'runs'}", *args.overrides])
     started = time.time()
-    parent = pipeline.sft(cfg) if cfg.pipeline == "sft" else pipeline.kd(cfg)
+    parent = {"kd": pipeline.kd, "sft": pipeline.sft, "dpo": pipeline.dpo}[cfg.pipeline](cfg)
     wall = time.time() - started
     client = MlflowClient()
     stages = {}
