@@ -20,6 +20,7 @@ The traceback is shown only with `dist-bench --debug ...` or DIST_BENCH_DEBUG=1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -85,14 +86,7 @@ def _student_pipeline(name: str, config: Path | None, overrides: list[str] | Non
     def runs() -> list:
         if not ablations:
             return [{"kd": pipeline.kd, "sft": pipeline.sft, "dpo": pipeline.dpo}[name](cfg, checks)]
-        outer = os.environ.pop("MLFLOW_RUN_ID", None)
-        if (
-            outer
-        ):  # under `mlflow run`: the run it opened records the sweep; each point is a parent of its own
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient().set_tag(outer, "dist_bench.role", "sweep")
-        return pipeline.sweep(config, overrides or [], name)
+        return pipeline.sweep(config, [*(overrides or []), *_detach_from_mlflow_run()], name)
 
     try:
         done = _guarded(runs, passthrough=(PrerunFailed,))
@@ -100,6 +94,21 @@ def _student_pipeline(name: str, config: Path | None, overrides: list[str] | Non
         _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
     for run in done:
         _print_stages(run)
+
+
+def _detach_from_mlflow_run() -> list[str]:
+    """Several parents from one command: under `mlflow run`, the run it opened records the group (role
+    "sweep", left out of the report) and each parent is a run of its own. Returns the override that puts
+    them in that run's experiment (the one `mlflow run --experiment-name` chose)."""
+    outer = os.environ.pop("MLFLOW_RUN_ID", None)
+    if not outer:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(outer, "dist_bench.role", "sweep")
+    experiment = client.get_experiment(client.get_run(outer).info.experiment_id).name
+    return [f"tracking.experiment_name={json.dumps(experiment)}"]  # quoted: any name parses as a string
 
 
 @app.command("generate")
@@ -171,22 +180,32 @@ def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> No
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="HF model id, local dir, tinyworld:<name> or runs:/<id>/<path>")],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            help="HF model id, local dir, tinyworld:<name> or runs:/<id>/<path>; several: repeat the option "
+            "or separate them by commas (one parent run each, all checked first)"
+        ),
+    ],
     config: ConfigOption = None,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
     overrides: Overrides = None,
 ) -> None:
-    """Evaluate one model on the config's lm-eval tasks (a parent run with one `eval` stage)."""
+    """Evaluate models on the config's lm-eval tasks (per model a parent run with one `eval` stage)."""
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         _fail(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
-    if not model.strip():
+    names = [name.strip() for given in model for name in given.split(",")]
+    if not all(names):
         _fail("--model: empty")
     cfg = _load(config, overrides)
-    checks = _preflight(cfg, "eval", eval_model=model)
+    checked = [(name, _preflight(cfg, "eval", eval_model=name)) for name in names]
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.evaluate(cfg, model, dtype, checks))
-    _print_stages(run)
+    if len(names) > 1:
+        cfg = _load(config, [*(overrides or []), *_detach_from_mlflow_run()])
+    for name, checks in checked:
+        run = _guarded(lambda name=name, checks=checks: pipeline.evaluate(cfg, name, dtype, checks))
+        _print_stages(run)
 
 
 @app.command("prerun")

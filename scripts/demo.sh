@@ -12,7 +12,6 @@ run() { mlflow run . --env-manager local --experiment-name "$experiment" "$@"; }
 run -e kd
 run -e sft
 run -e dpo
-run -e eval -P model=tinyworld:teacher
-run -e eval -P model=tinyworld:student-init
-run -e eval -P model=tinyworld:student-undertrained   # the dpo row's init
+# the references, one parent each: the teacher, the untrained student (kd, sft) and the dpo row's init
+run -e eval -P model=tinyworld:teacher,tinyworld:student-init,tinyworld:student-undertrained
 run -e report -P experiment="$experiment"

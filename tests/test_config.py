@@ -99,7 +99,9 @@ def test_cli_config_error_exits_2_with_one_line_and_starts_nothing(tmp_path: Pat
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("entry_point", ["main", "kd", "cache_logits", "eval", "report"])
+@pytest.mark.parametrize(
+    "entry_point", ["main", "kd", "dpo", "preferences", "cache_logits", "eval", "report"]
+)
 def test_every_entry_point_script_reaches_the_cli(tmp_path: Path, entry_point: str) -> None:
     args = ["--model", "tinyworld:teacher"] if entry_point == "eval" else []
     if entry_point == "report":  # no config: a bad argument instead

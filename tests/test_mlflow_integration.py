@@ -60,6 +60,34 @@ def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_mlflow_run_eval_of_several_models_makes_a_parent_each(tmp_path: Path) -> None:
+    """What `make demo` runs for its reference rows: one process, one parent run per model, the run that
+    `mlflow run` opened kept out of the table (role sweep)."""
+    overrides = " ".join(["eval.limit=8", "energy.codecarbon=false", f"output.run_dir={tmp_path / 'runs'}"])
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "eval", "--env-manager", "local", "--experiment-name", "refs",
+         "-P", "model=tinyworld:teacher,tinyworld:student-init", "-P", f"overrides={overrides}"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("refs").experiment_id])
+    roles = sorted((r.data.tags.get("dist_bench.role"), r.info.run_name, r.info.status) for r in runs)
+    assert [(role, name) for role, name, _ in roles if role != "stage"] == [
+        ("pipeline", "eval:tinyworld:student-init"), ("pipeline", "eval:tinyworld:teacher"),
+        ("sweep", roles[-1][1]),
+    ]  # fmt: skip
+    assert {status for *_, status in roles} == {"FINISHED"}
+    teacher = next(r for r in runs if r.info.run_name == "eval:tinyworld:teacher")
+    assert teacher.data.metrics["eval/tiny_arith/exact_match"] == 1.0
+
+
 def test_mlflow_run_with_a_bad_override_fails_with_exit_2_and_no_finished_run(tmp_path: Path) -> None:
     env = {
         **os.environ,
