@@ -34,14 +34,20 @@ def test_pipeline_against_a_real_mlflow_server(
     assert [s.reused for s in again.stages] == [True, True, True]
 
 
-def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
-    overrides = " ".join([*SMALL, f"output.run_dir={tmp_path / 'runs'}"])
+def mlflow_run_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of an `mlflow run` subprocess: a store of its own, this venv's executables first."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "PATH": f"{BIN}:{os.environ['PATH']}",
     }
     env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
+    overrides = " ".join([*SMALL, f"output.run_dir={tmp_path / 'runs'}"])
+    env = mlflow_run_env(tmp_path)
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "kd", "--env-manager", "local", "--experiment-name", "mlproject-test",
          "-P", f"overrides={overrides}"],
@@ -64,12 +70,7 @@ def test_mlflow_run_eval_of_several_models_makes_a_parent_each(tmp_path: Path) -
     """What `make demo` runs for its reference rows: one process, one parent run per model, the run that
     `mlflow run` opened kept out of the table (role sweep)."""
     overrides = " ".join(["eval.limit=8", "energy.codecarbon=false", f"output.run_dir={tmp_path / 'runs'}"])
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-    }
-    env.pop("MLFLOW_RUN_ID", None)
+    env = mlflow_run_env(tmp_path)
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "eval", "--env-manager", "local", "--experiment-name", "refs",
          "-P", "model=tinyworld:teacher,tinyworld:student-init", "-P", f"overrides={overrides}"],
