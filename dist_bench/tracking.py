@@ -38,7 +38,7 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment, liveness, models
+from dist_bench import environment, liveness
 from dist_bench.config import RunConfig, config_hash
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
@@ -146,8 +146,10 @@ def code_version() -> str:
     checkout = Path(__file__).resolve().parent.parent
     commit, dirty = environment.git_state(checkout)
     if commit is None:  # an installed copy or a bare copy of the tree: the source itself is the version
+        from dist_bench.models import hash_files  # here: models imports torch, which the report never needs
+
         package = Path(__file__).resolve().parent
-        return "src." + models.hash_files(sorted(package.rglob("*.py")), root=package)[:16]
+        return "src." + hash_files(sorted(package.rglob("*.py")), root=package)[:16]
     if not dirty:
         return commit
     # Uncommitted edits change what the code does: key them by the diff of the package source.
