@@ -121,6 +121,34 @@ def test_a_killed_preference_stage_resumes_to_the_same_pairs(
         assert (resumed.outputs["preference_dataset"] / name).read_bytes() == (expected / name).read_bytes()
 
 
+def test_verified_pairs_from_the_teachers_samples(workdir: Path) -> None:
+    """Two samples per prompt at temperature 4 (the tiny teacher is too sure of its sums to err below): where
+    one has the reference's number and the other not, the right one is chosen; every pair is checked here
+    against the reference itself."""
+    cfg = load_config(
+        TINY_DPO,
+        [*SMALL_DPO, f"output.run_dir={workdir / 'runs'}", "preferences.method=verified", "generation.n=2",
+         "generation.temperature=4.0", "data.max_samples=64", "generation.max_prompts=64"],
+    )  # fmt: skip
+    built = pipeline.build_preferences(cfg).stages[0]
+    samples = rows(built.outputs["preference_dataset"].parent / "generation/shards")
+    assert len(samples) == 128 and built.metrics["tokens"] == sum(
+        r["prompt_tokens"] + r["completion_tokens"] for r in samples
+    )
+    pairs = [json.loads(line) for line in built.outputs["pairs"].read_text().splitlines()]
+    reference = {r["prompt_id"]: r["reference"].split("####")[1].strip() for r in samples}
+    number = re.compile(r"####\s*(-?\d+)")
+    for pair in pairs:
+        assert number.search(pair["chosen"]).group(1) == reference[pair["prompt_id"]]
+        rejected = number.search(pair["rejected"])
+        assert rejected is None or rejected.group(1) != reference[pair["prompt_id"]]
+    dropped = {
+        k.rsplit("/", 1)[1]: v for k, v in built.metrics.items() if k.startswith("preferences/dropped/")
+    }
+    assert len(pairs) >= 5 and len(pairs) + sum(dropped.values()) == 64
+    assert dropped["no_incorrect"] > 0  # the teacher is mostly right, even at 1.5
+
+
 def judge_verdict(body: dict) -> str | None:
     """The test server's judge: rates an answer by its first word (w37 -> 8) and explains first, as judges
     do; any other request gets the server's usual words."""
@@ -199,6 +227,10 @@ def test_a_judge_behind_an_api_pairs_the_best_sample_against_the_worst(
             "preferences.judge.model",
         ),
         (["dpo.heldout_pairs=0", "preferences.method=null"], "preferences.path: the dpo pipeline needs"),
+        (  # a local judge: the tiny teacher reads 128 tokens, the grading prompt alone is longer
+            ["preferences.method=judge", "generation.n=2", "preferences.judge.model=tinyworld:teacher"],
+            "preferences.judge.model: the grading prompt, a question, an answer and the verdict take up to",
+        ),
     ],
 )
 def test_bad_preference_settings_stop_preflight(overrides: list[str], culprit: str) -> None:
