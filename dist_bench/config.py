@@ -327,6 +327,8 @@ class PreferencesConfig(Strict):
     def _one_source(self) -> PreferencesConfig:
         if self.method is not None and self.path is not None:
             raise ValueError("set preferences.method (build pairs) or preferences.path (read them), not both")
+        if self.judge is not None and self.method != "judge":
+            raise ValueError(f"preferences.judge is set but preferences.method is {self.method}, not judge")
         return self
 
 

@@ -213,9 +213,14 @@ def test_a_judge_behind_an_api_pairs_the_best_sample_against_the_worst(
         (["generation.n=2"], "generation.n: teacher_vs_student pairs each prompt's first answer"),
         (["preferences.method=verified"], "generation.n: verified pairs two of the teacher's samples"),
         (
+            ["preferences.method=verified", "generation.n=4"],
+            "generation.temperature: 0 (greedy) writes 4 identical",
+        ),
+        (
             [
                 "preferences.method=judge",
                 "generation.n=2",
+                "generation.temperature=0.7",
                 "preferences.judge.model=judge",
                 "preferences.judge.api.base_url=http://127.0.0.1:9/v1",
                 "preferences.judge.api.model=judge",
@@ -223,12 +228,22 @@ def test_a_judge_behind_an_api_pairs_the_best_sample_against_the_worst(
             "preferences.judge.api.base_url: cannot reach",
         ),
         (
-            ["preferences.method=judge", "generation.n=2", "preferences.judge.model=/no/such/judge"],
+            [
+                "preferences.method=judge",
+                "generation.n=2",
+                "generation.temperature=0.7",
+                "preferences.judge.model=/no/such/judge",
+            ],
             "preferences.judge.model",
         ),
         (["dpo.heldout_pairs=0", "preferences.method=null"], "preferences.path: the dpo pipeline needs"),
         (  # a local judge: the tiny teacher reads 128 tokens, the grading prompt alone is longer
-            ["preferences.method=judge", "generation.n=2", "preferences.judge.model=tinyworld:teacher"],
+            [
+                "preferences.method=judge",
+                "generation.n=2",
+                "generation.temperature=0.7",
+                "preferences.judge.model=tinyworld:teacher",
+            ],
             "preferences.judge.model: the grading prompt, a question, an answer and the verdict take up to",
         ),
     ],
@@ -243,6 +258,8 @@ def test_preferences_refuses_a_config_that_builds_no_pairs_and_both_sources(tmp_
         ConfigError, match=re.escape("set preferences.method (build pairs) or preferences.path")
     ):
         load_config(TINY_DPO, ["preferences.path=pairs.jsonl"])
+    with pytest.raises(ConfigError, match=re.escape("preferences.judge is set but preferences.method is")):
+        load_config(TINY_DPO, ["preferences.judge.model=tinyworld:teacher"])
     done = dist_bench(tmp_path, "preferences", "--config", str(TINY_DPO), "preferences.method=null",
                       "preferences.path=pairs.jsonl")  # fmt: skip
     assert_rejected(done, tmp_path, "preferences.method: unset")

@@ -149,6 +149,11 @@ def preference_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
             f"generation.n: {prefs.method} pairs two of the teacher's samples per prompt; n={gen.n} "
             "(set at least 2, with temperature > 0 so they differ)"
         )
+    if prefs.method in ("verified", "judge") and gen.temperature == 0:
+        raise PreflightError(
+            f"generation.temperature: 0 (greedy) writes {gen.n} identical samples per prompt, and "
+            f"{prefs.method} needs them to differ (sample: temperature > 0)"
+        )
     checks = teacher_generation(cfg, data)
     messages = cfg.data.format == "messages"
     if prefs.method == "teacher_vs_student":  # the policy init answers the same prompts
