@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dist_bench import models
-from dist_bench.config import RunConfig, flatten
+from dist_bench.config import ModelSpec, RunConfig, TeacherSpec, flatten
 from dist_bench.dataset import data_fingerprint
 from dist_bench.errors import DataError
 from dist_bench.generation.pairs import (
@@ -115,11 +115,14 @@ def build(cfg: RunConfig, ctx: StageContext, device: torch.device) -> StageWork:
     seed = seed_of(cfg)
     spent: dict[str, float] = {}  # API metrics, summed over the writers
 
-    def rows_of(spec: object, shards: Path, items: list[Prompt], how: Decoding, own_template: bool = False):
+    def rows_of(
+        spec: ModelSpec, shards: Path, items: list[Prompt], how: Decoding, own_template: bool = False
+    ) -> list[dict]:
+        """`spec`'s rows for `items`: written where missing (loading it only then), then read back."""
         writer = None
         if not shards_complete(shards, len(items), gen.shard_size):
             journal = out / f"{shards.name.removesuffix('shards')}api-samples"
-            writer = load_writer(cfg, spec, journal, device, own_template)  # type: ignore[arg-type]
+            writer = load_writer(cfg, spec, journal, device, own_template)
         rows = write_shards(writer, items, how, seed, shards, gen.shard_size, ctx.commit_energy)
         for key, value in api_metrics(writer).items():
             spent[key] = spent.get(key, 0.0) + value
@@ -146,9 +149,9 @@ def build(cfg: RunConfig, ctx: StageContext, device: torch.device) -> StageWork:
         judge = prefs.judge if prefs.judge is not None else cfg.teacher
         chat = _judge_reads_chat(judge)
         questions = [_judge_prompt(at, by_key[key], chat) for at, key in enumerate(judged)]
-        verdict = Decoding(
-            1, 0.0, 1.0, None, prefs.judge_max_new_tokens, ()
-        )  # greedy: the same verdict again
+        # greedy, so that a resumed stage gets the verdicts an uninterrupted one would
+        verdict = Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None,
+                           max_new_tokens=prefs.judge_max_new_tokens, stop=())  # fmt: skip
         judge_rows = rows_of(judge, out / "judge-shards", questions, verdict, own_template=True)
         writers["judge"] = judge_rows
         ratings = {judged[row["prompt_id"]]: parse_rating(row["completion"]) for row in judge_rows}
@@ -216,14 +219,12 @@ def _write_dataset(
     )
 
 
-def _judge_reads_chat(judge: object) -> bool:
+def _judge_reads_chat(judge: TeacherSpec) -> bool:
     """Whether the judge takes its instructions as a user turn: an API's chat endpoint, or a local model
     whose tokenizer has a chat template (a base model reads the text as it is)."""
-    api = getattr(judge, "api", None)
-    if api is not None:
-        return api.endpoint == "chat"
-    spec = judge  # a ModelSpec
-    tokenizer = models.load_tokenizer(spec.model, spec.revision, spec.trust_remote_code)  # type: ignore[attr-defined]
+    if judge.api is not None:
+        return judge.api.endpoint == "chat"
+    tokenizer = models.load_tokenizer(judge.model, judge.revision, judge.trust_remote_code)
     return bool(getattr(tokenizer, "chat_template", None))
 
 
