@@ -48,15 +48,7 @@ FORMAT = "dist-bench-generation/1"
 
 def run(parent: ParentRun) -> StageResult:
     cfg = parent.cfg
-    api = cfg.teacher.api
     device = models.pick_device(cfg.train.device)
-    params = {
-        **writer_params(cfg.teacher, "teacher", device),
-        **flatten(cfg.data.model_dump(), "data."),
-        **flatten(cfg.generation.model_dump(), "generation."),
-        "generation.seed": str(seed_of(cfg)),
-        "data.fingerprint": data_fingerprint(cfg.data),
-    }
 
     def work(ctx: StageContext) -> StageWork:
         out = ctx.stage_dir / "generation"
@@ -64,10 +56,31 @@ def run(parent: ParentRun) -> StageResult:
             load_writer(cfg, cfg.teacher, out / "api-samples", device), cfg, out, ctx.commit_energy
         )
 
-    name = api.model if api is not None else cfg.teacher.model
     return execute_stage(
-        parent, STAGE, params, work, tags={"dist_bench.teacher": name}, gpu_unmeasured=unmeasured_gpu(cfg)
+        parent,
+        STAGE,
+        stage_params(cfg, device),
+        work,
+        tags=stage_tags(cfg),
+        gpu_unmeasured=unmeasured_gpu(cfg),
     )
+
+
+def stage_params(cfg: RunConfig, device: torch.device, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """What every teacher_generation run depends on: the teacher, the prompts and the decoding
+    (`skip`: generation settings that do not apply, such as the SFT filters in preference mode)."""
+    return {
+        **writer_params(cfg.teacher, "teacher", device),
+        **flatten(cfg.data.model_dump(), "data."),
+        **flatten(cfg.generation.model_dump(exclude=set(skip)), "generation."),
+        "generation.seed": str(seed_of(cfg)),
+        "data.fingerprint": data_fingerprint(cfg.data),
+    }
+
+
+def stage_tags(cfg: RunConfig) -> dict[str, str]:
+    api = cfg.teacher.api
+    return {"dist_bench.teacher": api.model if api is not None else cfg.teacher.model}
 
 
 def writer_params(spec: ModelSpec, prefix: str, device: torch.device) -> dict[str, str]:

@@ -101,9 +101,9 @@ class LocalTeacher:
         spec = cfg.teacher if spec is None else spec
         model = models.load_model(spec.model, device, spec.dtype, spec.revision, spec.trust_remote_code)
         tokenizer = models.load_tokenizer(spec.model, spec.revision, spec.trust_remote_code)
-        template = chat_template(cfg.data, tokenizer) if cfg.data.format == "messages" else None
-        if own_template:
-            template = None  # apply_chat_template then takes the tokenizer's own
+        # None: apply_chat_template takes the tokenizer's own
+        data_template = cfg.data.format == "messages" and not own_template
+        template = chat_template(cfg.data, tokenizer) if data_template else None
         identity = {
             "model": spec.model,
             "revision": spec.revision or "",

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dist_bench import models
-from dist_bench.config import ModelSpec, RunConfig, TeacherSpec, flatten
-from dist_bench.dataset import data_fingerprint
+from dist_bench.config import ModelSpec, RunConfig, TeacherSpec
 from dist_bench.errors import DataError
 from dist_bench.generation.pairs import (
     JUDGE_TEMPLATE,
@@ -58,6 +57,8 @@ from dist_bench.teacher.generation import (
     seed_of,
     sha256_of,
     shards_complete,
+    stage_params,
+    stage_tags,
     unmeasured_gpu,
     write_atomic,
     write_shards,
@@ -80,11 +81,7 @@ def run(parent: ParentRun) -> StageResult:
     device = models.pick_device(cfg.train.device)
     params = {
         "mode": "preferences",
-        **writer_params(cfg.teacher, "teacher", device),
-        **flatten(cfg.data.model_dump(), "data."),
-        **flatten(cfg.generation.model_dump(exclude={"enabled", "filters"}), "generation."),
-        "generation.seed": str(seed_of(cfg)),
-        "data.fingerprint": data_fingerprint(cfg.data),
+        **stage_params(cfg, device, skip=frozenset({"enabled", "filters"})),
         "preferences.method": prefs.method,
     }
     if prefs.method == "verified":
@@ -95,13 +92,12 @@ def run(parent: ParentRun) -> StageResult:
         params |= writer_params(prefs.judge, "preferences.judge", device)
     if prefs.method == "judge":
         params["preferences.judge_max_new_tokens"] = str(prefs.judge_max_new_tokens)
-    name = cfg.teacher.api.model if cfg.teacher.api is not None else cfg.teacher.model
     return execute_stage(
         parent,
         STAGE,
         params,
         lambda ctx: build(cfg, ctx, device),
-        tags={"dist_bench.teacher": name},
+        tags=stage_tags(cfg),
         gpu_unmeasured=unmeasured_gpu(cfg),
     )
 
@@ -139,22 +135,22 @@ def build(cfg: RunConfig, ctx: StageContext, device: torch.device) -> StageWork:
         writers["student"] = student_rows
         pairs, report = teacher_vs_student_pairs(teacher_rows, student_rows)
     else:
-        judged = [
-            (row["prompt_id"], row["sample"])
-            for row in sorted(teacher_rows, key=lambda row: (row["prompt_id"], row["sample"]))
-            if row["finish_reason"] != "error"
-        ]
-        by_key = {(row["prompt_id"], row["sample"]): row for row in teacher_rows}
-        write_atomic(out / "judged.jsonl", "".join(json.dumps(list(k)) + "\n" for k in judged).encode())
+        # the judge's prompt ids index this list: every sample that has a completion, in (prompt, sample) order
+        judged = sorted(
+            (row for row in teacher_rows if row["finish_reason"] != "error"),
+            key=lambda row: (row["prompt_id"], row["sample"]),
+        )
+        keys = [(row["prompt_id"], row["sample"]) for row in judged]
+        write_atomic(out / "judged.jsonl", "".join(json.dumps(list(k)) + "\n" for k in keys).encode())
         judge = prefs.judge if prefs.judge is not None else cfg.teacher
         chat = _judge_reads_chat(judge)
-        questions = [_judge_prompt(at, by_key[key], chat) for at, key in enumerate(judged)]
+        questions = [_judge_prompt(at, row, chat) for at, row in enumerate(judged)]
         # greedy, so that a resumed stage gets the verdicts an uninterrupted one would
         verdict = Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None,
                            max_new_tokens=prefs.judge_max_new_tokens, stop=())  # fmt: skip
         judge_rows = rows_of(judge, out / "judge-shards", questions, verdict, own_template=True)
         writers["judge"] = judge_rows
-        ratings = {judged[row["prompt_id"]]: parse_rating(row["completion"]) for row in judge_rows}
+        ratings = {keys[row["prompt_id"]]: parse_rating(row["completion"]) for row in judge_rows}
         pairs, report = judge_pairs(teacher_rows, ratings)
     return _write_dataset(ctx.stage_dir / "preference_dataset", pairs, report, writers, decoding, seed, spent)
 
