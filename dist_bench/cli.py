@@ -39,6 +39,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="experiment YAML (merged over configs/base.yaml)")
 ]
+RegisterOption = Annotated[
+    str | None,
+    typer.Option(
+        help="register the final model under this name at the end (dist-bench register does it later)"
+    ),
+]
+AliasOption = Annotated[
+    str | None, typer.Option(help="the registered model alias to point at the new version")
+]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
 FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
 T = TypeVar("T")
@@ -56,28 +65,58 @@ def main_(overrides: Overrides = None) -> None:
 
 
 @app.command("kd")
-def kd(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
+def kd(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    ablations: AblationsFlag = False,
+    register: RegisterOption = None,
+    alias: AliasOption = None,
+) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
-    _student_pipeline("kd", config, overrides, ablations)
+    _student_pipeline("kd", config, overrides, ablations, register, alias)
 
 
 @app.command("sft")
-def sft(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
+def sft(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    ablations: AblationsFlag = False,
+    register: RegisterOption = None,
+    alias: AliasOption = None,
+) -> None:
     """Teacher-written data (generation.enabled) or the data itself -> SFT student training -> evaluation
     (the same trainer, precision and token budget as kd)."""
-    _student_pipeline("sft", config, overrides, ablations)
+    _student_pipeline("sft", config, overrides, ablations, register, alias)
 
 
 @app.command("dpo")
-def dpo(config: ConfigOption = None, overrides: Overrides = None, ablations: AblationsFlag = False) -> None:
+def dpo(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    ablations: AblationsFlag = False,
+    register: RegisterOption = None,
+    alias: AliasOption = None,
+) -> None:
     """Preference pairs built by the teacher (preferences.method) or read (preferences.path) -> DPO of the
     policy (student.model) -> evaluation (the same optimizer, precision and token budget rule as kd and sft)."""
-    _student_pipeline("dpo", config, overrides, ablations)
+    _student_pipeline("dpo", config, overrides, ablations, register, alias)
 
 
-def _student_pipeline(name: str, config: Path | None, overrides: list[str] | None, ablations: bool) -> None:
+def _student_pipeline(
+    name: str,
+    config: Path | None,
+    overrides: list[str] | None,
+    ablations: bool,
+    register: str | None = None,
+    alias: str | None = None,
+) -> None:
     """kd, sft or dpo: pre-flight, then the pipeline, or every point of the config's ablations grid (each
-    pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work."""
+    pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work.
+    `register`: the registered model name the final model goes under at the end (registry.py)."""
+    if register is not None and ablations:
+        _fail("--register: one model per command; register a sweep's points with `dist-bench register --run`")
+    if alias is not None and register is None:
+        _fail("--alias: needs --register <name>")
     cfg = _load(config, overrides)
     checks = None if ablations else _preflight(cfg, name)  # before the heavy imports: bad input fails fast
     from dist_bench import pipeline
@@ -94,6 +133,36 @@ def _student_pipeline(name: str, config: Path | None, overrides: list[str] | Non
         _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
     for run in done:
         _print_stages(run)
+    if register is not None:
+        _register(done[0].run_id, register, alias)
+
+
+@app.command("register")
+def register_(
+    run: Annotated[str, typer.Option(help="the parent run id of a finished kd, sft or dpo pipeline")],
+    name: Annotated[str, typer.Option(help="the registered model's name")],
+    alias: AliasOption = None,
+) -> None:
+    """Register a pipeline's final model (an MLflow transformers model) with its energy label as tags."""
+    _register(run, name, alias)
+
+
+def _register(run_id: str, name: str, alias: str | None) -> None:
+    from dist_bench import preflight
+
+    _guarded(preflight.tracking_store)
+    from dist_bench import registry
+
+    version = _guarded(lambda: registry.register(run_id, name, alias))
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if outer and outer != run_id:  # `mlflow run . -e register`: its run says what it did (not a table row)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(outer, "dist_bench.role", "register")
+        client.set_tag(outer, "dist_bench.registered", uri)
+    typer.echo(f"registered: {uri} (version {version.version} of {name}; energy label in its tags)")
 
 
 def _detach_from_mlflow_run() -> list[str]:

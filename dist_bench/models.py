@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,8 +25,21 @@ def resolve_model(spec: str) -> str:
     if spec.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
-        return mlflow.artifacts.download_artifacts(artifact_uri=spec)
+        return _transformers_flavour(Path(mlflow.artifacts.download_artifacts(artifact_uri=spec)))
     return tinyworld.resolve(spec)
+
+
+def _transformers_flavour(path: Path) -> str:
+    """An MLflow transformers model (registry.py logs one) keeps the weights in model/ and the tokenizer in
+    components/tokenizer/: one folder that from_pretrained reads for both (the download is a private copy).
+    Anything else (a final_model artifact, a checkpoint) is returned as it is."""
+    weights, tokenizer = path / "model", path / "components" / "tokenizer"
+    if not ((path / "MLmodel").is_file() and (weights / "config.json").is_file() and tokenizer.is_dir()):
+        return str(path)
+    for file in tokenizer.iterdir():
+        if not (weights / file.name).exists():
+            shutil.copy2(file, weights / file.name)
+    return str(weights)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

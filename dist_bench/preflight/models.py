@@ -3,6 +3,7 @@ vocabulary and top-k checks between teacher and student."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,9 @@ def _hub_model(field: str, repo_id: str, revision: str | None) -> ModelSource:
     return ModelSource(field, repo_id, repo_id, Check(field, f"{repo_id}{at} (on the Hub)"))
 
 
+FLAVOUR_DIRS = ("model", "components/tokenizer")
+
+
 def _mlflow_model(field: str, uri: str) -> ModelSource:
     """An MLflow artifact URI that exists; its config and tokenizer files (not its weights) fetched."""
     sqlite = tracking_uri().removeprefix("sqlite:///") if tracking_uri().startswith("sqlite:///") else None
@@ -124,12 +128,18 @@ def _mlflow_model(field: str, uri: str) -> ModelSource:
     mlflow.set_tracking_uri(tracking_uri())
     try:
         repo = get_artifact_repository(uri)
-        entries = repo.list_artifacts()
+        entries = repo.list_artifacts(None)  # models:/ repositories take no default path
     except MlflowException as err:
         raise PreflightError(f"{field}: {uri}: {redact(str(err.message)).splitlines()[0]}") from None
     files = [entry.path for entry in entries if not entry.is_dir]
     if not files:
         raise PreflightError(f"{field}: {uri}: no such artifact (nothing logged under that path)")
+    flavour = any(Path(f).name == "MLmodel" for f in files)
+    if flavour:  # an MLflow transformers model (registry.py): weights in model/, tokenizer in components/
+        try:
+            files = [e.path for sub in FLAVOUR_DIRS for e in repo.list_artifacts(sub) if not e.is_dir]
+        except MlflowException as err:
+            raise PreflightError(f"{field}: {uri}: {redact(str(err.message)).splitlines()[0]}") from None
     if not any(Path(f).name == "config.json" for f in files):
         raise PreflightError(f"{field}: {uri} has no config.json (not a Hugging Face model folder)")
     local = Path(tempfile.mkdtemp(prefix="dist-bench-preflight-"))
@@ -138,6 +148,9 @@ def _mlflow_model(field: str, uri: str) -> ModelSource:
             repo.download_artifacts(file, str(local))
     # Entries are relative to the artifact repository's root or to the URI's own path, by repository kind.
     config = next(local.rglob("config.json"))
+    if flavour:  # the tokenizer beside the config, as models.resolve_model arranges it for the stages
+        for file in next(local.rglob("components/tokenizer"), local).glob("*"):
+            shutil.copy2(file, config.parent / file.name)
     return ModelSource(field, uri, str(config.parent), Check(field, f"{uri} (in the tracking store)"))
 
 
