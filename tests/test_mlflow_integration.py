@@ -50,11 +50,14 @@ def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
     env = mlflow_run_env(tmp_path)
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "kd", "--env-manager", "local", "--experiment-name", "mlproject-test",
-         "-P", f"overrides={overrides}"],
+         "-P", f"overrides={overrides}", "-P", "register=mlproject-student", "-P", "alias=candidate"],
         cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "registered: models:/mlproject-student@candidate" in done.stdout
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version_by_alias("mlproject-student", "candidate")
+    assert version.tags["dist_bench.pipeline"] == "kd"
     experiment = client.get_experiment_by_name("mlproject-test")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("dist_bench.role") == "pipeline"]
