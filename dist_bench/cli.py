@@ -386,7 +386,17 @@ def validate(
 @app.command("report")
 def report(
     experiment: Annotated[list[str] | None, typer.Option(help="experiment name(s); default: all")] = None,
-    output_dir: Annotated[Path, typer.Option(help="where table.md/.csv/.html are written")] = Path("report"),
+    output_dir: Annotated[Path, typer.Option(help="where table.md/.csv/.html/.tex are written")] = Path(
+        "report"
+    ),
+    filter_string: Annotated[
+        str | None,
+        typer.Option(
+            "--filter",
+            help="only parent runs matching this MLflow search filter, e.g. "
+            "\"params.`train.token_budget` = '3000000'\"",
+        ),
+    ] = None,
 ) -> None:
     """Aggregate the parent runs into the standard table (Markdown here; CSV/HTML as report-run artifacts)."""
     from dist_bench import preflight
@@ -394,7 +404,7 @@ def report(
     _guarded(lambda: preflight.report(output_dir))  # a dead server is answered before MLflow's retries
     from dist_bench import report as report_module
 
-    table = _guarded(lambda: report_module.run(experiment or [], output_dir))
+    table = _guarded(lambda: report_module.run(experiment or [], output_dir, filter_string))
     typer.echo(table)
 
 

@@ -11,7 +11,8 @@ number of students that must share one teacher output before its amortised cost 
 one student's training energy. `gpu_uncertainty_pct` is the half-width of the GPU energy interval (counter
 resolution, the sensor's +-5%, counter-vs-integration gap); `flags` lists stage warnings such as
 `counter_integration_mismatch` or `below_resolution`. Markdown goes to the terminal; CSV, HTML and a Pareto plot of energy
-against quality are artifacts of a `dist_bench.role=report` run.
+against quality (the frontier drawn, points labelled) are artifacts of a `dist_bench.role=report` run, with
+the table as LaTeX (booktabs) and as one self-contained HTML page with the plot inline.
 """
 
 from __future__ import annotations
@@ -40,36 +41,88 @@ ROLES = {
 ESTIMATED = "~"
 
 
-def run(experiments: list[str], output_dir: Path) -> str:
-    """Build the table from the tracking server, write the files, log them as a report run; return Markdown."""
+FILES = ("table.csv", "table.md", "table.html", "table.tex")
+
+
+def run(experiments: list[str], output_dir: Path, filter_string: str | None = None) -> str:
+    """Build the table from the tracking server, write the files, log them as a report run; return Markdown.
+    `filter_string`: more conditions in MLflow's search syntax (`params.train.token_budget = '3000000'`)."""
     preflight.report(output_dir)
     open_store()
     client = MlflowClient()
     experiment_ids = _experiment_ids(client, experiments)
-    parents = client.search_runs(
-        experiment_ids=experiment_ids,
-        filter_string=f"tags.`{ROLE}` = 'pipeline' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-    )
+    query = f"tags.`{ROLE}` = 'pipeline' and attributes.status = 'FINISHED'"
+    try:
+        parents = client.search_runs(
+            experiment_ids=experiment_ids,
+            filter_string=f"{query} and {filter_string}" if filter_string else query,
+            order_by=["attributes.start_time ASC"],
+        )
+    except mlflow.exceptions.MlflowException as err:  # a filter MLflow cannot parse: bad input, not a failure
+        if not filter_string:
+            raise
+        raise ValueError(f"--filter: {filter_string!r}: {err.message.splitlines()[0]}") from None
     if not parents:
-        raise ValueError(f"no finished pipeline runs in experiment(s) {', '.join(experiments) or '(all)'}")
+        raise ValueError(
+            f"no finished pipeline runs in experiment(s) {', '.join(experiments) or '(all)'}"
+            + (f" matching --filter {filter_string!r}" if filter_string else "")
+        )
     rows = [_row_facts(run) for run in parents]
     rows.sort(key=lambda r: r["sweep"] or "")  # a sweep's points side by side, each group in run order
     table = build_table(rows)
     markdown = to_markdown(table)
     output_dir.mkdir(parents=True, exist_ok=True)
+    plot = _pareto_plot(table, output_dir / "pareto.png")
     table.to_csv(output_dir / "table.csv", index=False)
     (output_dir / "table.md").write_text(markdown + "\n")
-    (output_dir / "table.html").write_text(table.to_html(index=False, na_rep="n/a"))
-    plot = _pareto_plot(table, output_dir / "pareto.png")
+    (output_dir / "table.html").write_text(to_html(table, plot))
+    (output_dir / "table.tex").write_text(to_latex(table))
     with mlflow.start_run(experiment_id=experiment_ids[0], run_name="report") as report_run:
         mlflow.set_tags({ROLE: "report", "dist_bench.rows": str(len(table))})
         mlflow.log_param("experiments", ",".join(experiments) or "(all)")
-        for name in ("table.csv", "table.md", "table.html"):
+        if filter_string:
+            mlflow.log_param("filter", filter_string)
+        for name in FILES:
             mlflow.log_artifact(str(output_dir / name), "report")
         if plot:
             mlflow.log_artifact(str(plot), "report")
     return markdown + f"\n\nreport run: {report_run.info.run_id}; files in {output_dir}/"
+
+
+def to_html(table: pd.DataFrame, plot: Path | None) -> str:
+    """One self-contained page: the table, and the Pareto plot inline (base64), so it can be mailed or
+    attached as it is."""
+    import base64
+    import html
+
+    figure = ""
+    if plot is not None:
+        data = base64.b64encode(plot.read_bytes()).decode()
+        figure = f'<h2>Total energy against quality</h2>\n<img alt="Pareto plot" src="data:image/png;base64,{data}">'
+    body = table.drop(columns=["estimated_energy"], errors="ignore").to_html(
+        index=False, na_rep="n/a", float_format=lambda value: f"{value:.6g}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>dist-bench: the standard table</title>'
+        "<style>body{font-family:sans-serif} td,th{padding:2px 6px;text-align:right}</style></head><body>\n"
+        f"<h1>{html.escape('dist-bench: the standard table')}</h1>\n{body}\n{figure}\n</body></html>\n"
+    )
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """The table for a paper: booktabs rules (\\toprule, \\midrule, \\bottomrule), the cells as Markdown
+    shows them (n/a, ~ on estimated energy), LaTeX special characters escaped."""
+    shown = table.drop(columns=["run_id", "estimated_energy"], errors="ignore")
+    estimated = table.get("estimated_energy", pd.Series([False] * len(table)))
+    cells = pd.DataFrame(
+        [
+            [_cell(c, row[c], bool(est)) for c in shown.columns]
+            for (_, row), est in zip(shown.iterrows(), estimated, strict=True)
+        ],
+        columns=shown.columns,
+    )
+    styler = cells.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    return styler.to_latex(hrules=True, column_format="l" * len(cells.columns))
 
 
 def _experiment_ids(client: MlflowClient, names: list[str]) -> list[str]:
@@ -249,8 +302,22 @@ def _cell(column: str, value: Any, estimated: bool) -> str:
     return str(value)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none with less or equal energy (x) and more or equal
+    quality (y), better in one. In order of energy; of exact duplicates the first counts."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
 def _pareto_plot(table: pd.DataFrame, path: Path) -> Path | None:
-    quality = [c for c in table.columns if c.count("/") == 1]
+    """Total energy against each quality column: every row a labelled point, the frontier drawn."""
+    quality = [c for c in table.columns if c.count("/") >= 1]
     if not quality or "total_kwh" not in table:
         return None
     import matplotlib
@@ -264,6 +331,9 @@ def _pareto_plot(table: pd.DataFrame, path: Path) -> Path | None:
         ax.scatter(points["total_kwh"], points[metric])
         for _, p in points.iterrows():
             ax.annotate(str(p["run"]), (p["total_kwh"], p[metric]), fontsize=7)
+        front = points.iloc[pareto_front(list(zip(points["total_kwh"], points[metric], strict=True)))]
+        ax.step(front["total_kwh"], front[metric], where="post", color="tab:red", label="Pareto frontier")
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_xlabel("total energy (kWh)")
         ax.set_ylabel(metric)
         ax.set_xscale("log")

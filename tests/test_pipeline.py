@@ -193,13 +193,62 @@ def test_report_table_rows_amortisation_and_no_zero_energy(world: dict) -> None:
     assert all(r["gpu_kwh"] == "n/a" for r in rows) and "gpu_kwh n/a: not measured" in table  # no GPU here
     files = {p.name for p in (world["root"] / "report").iterdir()}
     assert {"table.csv", "table.md", "table.html", "pareto.png"} <= files
-    report_runs = client().search_runs(_experiments(), "tags.`dist_bench.role` = 'report'")
-    assert len(report_runs) == 1
+    report_runs = client().search_runs(
+        _experiments(), "tags.`dist_bench.role` = 'report'", order_by=["attributes.start_time ASC"]
+    )
+    assert report_runs  # the fixture's (test_report_filter adds one of its own)
     assert {a.path for a in client().list_artifacts(report_runs[0].info.run_id, "report")} >= {
         "report/table.csv",
         "report/table.html",
+        "report/table.tex",
     }
+
+
+def test_report_csv_html_and_latex_read_back_to_the_runs(world: dict) -> None:
+    import pandas as pd
+
+    folder = world["root"] / "report"
+    csv = pd.read_csv(folder / "table.csv")
+    first = client().get_run(world["first"].run_id).data.metrics
+    row = csv[csv["run_id"] == world["first"].run_id].iloc[0]
+    assert row["total_kwh"] == pytest.approx(first["total/total_energy_kwh"])
+    assert row["tiny_arith/exact_match"] == pytest.approx(first["eval/tiny_arith/exact_match"])
+    # HTML: one page, the table and the plot inline (no file beside it needed)
+    page = (folder / "table.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
+    html_table = pd.read_html(folder / "table.html", na_values=["n/a"])[0]
+    assert list(html_table["run"]) == list(csv["run"])
+    assert html_table["total_kwh"].tolist()[:2] == pytest.approx(csv["total_kwh"].tolist()[:2], rel=1e-5)
+    # LaTeX: booktabs rules; one line per run with the Markdown's cells, `_` escaped
+    tex = (folder / "table.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    body = tex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+    cells = [[c.strip() for c in line.removesuffix("\\\\").split("&")] for line in body]
+    header = [
+        c.strip()
+        for c in tex.split("\\toprule")[1].split("\\midrule")[0].strip().removesuffix("\\\\").split("&")
+    ]
+    assert header[:2] == ["run", "pipeline"] and "tiny\\_arith/exact\\_match" in header
+    assert [c[0] for c in cells] == list(csv["run"])
+    at = header.index("tiny\\_arith/exact\\_match")
+    assert float(cells[0][at]) == pytest.approx(csv["tiny_arith/exact_match"].iloc[0], abs=5e-4)
+    assert cells[3][header.index("teacher\\_kwh")] == "n/a"
+
+
+def test_pareto_frontier_on_hand_made_points() -> None:
+    points = [(1.0, 0.5), (2.0, 0.4), (2.0, 0.7), (3.0, 0.7), (0.5, 0.1), (4.0, 0.9), (4.0, 0.9)]
+    # (2.0, 0.4) is beaten by (1.0, 0.5); (3.0, 0.7) by (2.0, 0.7); of the two (4.0, 0.9) the first counts
+    assert report.pareto_front(points) == [4, 0, 2, 5]
+    assert report.pareto_front([]) == []
 
 
 def _experiments() -> list[str]:
     return [e.experiment_id for e in client().search_experiments()]
+
+
+def test_report_filter_in_mlflow_search_syntax(world: dict) -> None:
+    table = report.run(["dist-bench"], world["root"] / "report-eval", "tags.`dist_bench.pipeline` = 'eval'")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "| eval |" in line]
+    assert len(rows) == 2 and "| kd |" not in table  # the teacher's and the logged student's evaluations
+    with pytest.raises(ValueError, match="--filter"):
+        report.run(["dist-bench"], world["root"] / "report-bad", "tags.nonsense ~~ 'x'")
