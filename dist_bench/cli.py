@@ -397,10 +397,27 @@ def report(
             "\"params.`train.token_budget` = '3000000'\"",
         ),
     ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="build the table from the experiment_summary.json files here, without a tracking server"
+        ),
+    ] = None,
 ) -> None:
-    """Aggregate the parent runs into the standard table (Markdown here; CSV/HTML as report-run artifacts)."""
+    """Aggregate the parent runs into the standard table (Markdown here; CSV/HTML/LaTeX as report-run
+    artifacts, or only as files with --run-dir)."""
     from dist_bench import preflight
 
+    if run_dir is not None:
+        if filter_string or experiment:
+            _fail("--run-dir: reads files, not a tracking server; --filter and --experiment do not apply")
+        if not run_dir.is_dir():
+            _fail(f"--run-dir: {run_dir} is not a folder")
+        _guarded(lambda: preflight.writable_dir("--output-dir", output_dir))
+        from dist_bench import report as report_module
+
+        typer.echo(_guarded(lambda: report_module.from_run_dir(run_dir, output_dir)))
+        return
     _guarded(lambda: preflight.report(output_dir))  # a dead server is answered before MLflow's retries
     from dist_bench import report as report_module
 

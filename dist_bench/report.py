@@ -17,8 +17,10 @@ the table as LaTeX (booktabs) and as one self-contained HTML page with the plot 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -71,12 +73,7 @@ def run(experiments: list[str], output_dir: Path, filter_string: str | None = No
     rows.sort(key=lambda r: r["sweep"] or "")  # a sweep's points side by side, each group in run order
     table = build_table(rows)
     markdown = to_markdown(table)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    plot = _pareto_plot(table, output_dir / "pareto.png")
-    table.to_csv(output_dir / "table.csv", index=False)
-    (output_dir / "table.md").write_text(markdown + "\n")
-    (output_dir / "table.html").write_text(to_html(table, plot))
-    (output_dir / "table.tex").write_text(to_latex(table))
+    plot = _write_files(table, markdown, output_dir)
     with mlflow.start_run(experiment_id=experiment_ids[0], run_name="report") as report_run:
         mlflow.set_tags({ROLE: "report", "dist_bench.rows": str(len(table))})
         mlflow.log_param("experiments", ",".join(experiments) or "(all)")
@@ -87,6 +84,43 @@ def run(experiments: list[str], output_dir: Path, filter_string: str | None = No
         if plot:
             mlflow.log_artifact(str(plot), "report")
     return markdown + f"\n\nreport run: {report_run.info.run_id}; files in {output_dir}/"
+
+
+def from_run_dir(run_dir: Path, output_dir: Path) -> str:
+    """The same table from the `experiment_summary.json` files under `run_dir` (output.run_dir/pipelines/),
+    for users without a tracking server: the files are written to output_dir, nothing is logged."""
+    runs = []
+    for path in sorted(Path(run_dir).rglob("experiment_summary.json")):
+        summary = json.loads(path.read_text())
+        if "run" not in summary:
+            raise ValueError(
+                f"--run-dir: {path} was written before summaries carried their run's tags and metrics"
+            )
+        data = SimpleNamespace(tags=summary["run"]["tags"], metrics=summary["run"]["metrics"], params={})
+        info = SimpleNamespace(run_name=summary["run"]["name"], run_id=summary["run_id"])
+        runs.append((summary.get("stages", {}), SimpleNamespace(info=info, data=data)))
+    if not runs:
+        raise ValueError(f"--run-dir: no experiment_summary.json under {run_dir}")
+    runs.sort(key=lambda item: min((s.get("started_at") or "" for s in item[0].values()), default=""))
+    rows = [_row_facts(run) for _, run in runs]
+    rows.sort(key=lambda r: r["sweep"] or "")
+    table = build_table(rows)
+    markdown = to_markdown(table)
+    _write_files(table, markdown, output_dir)
+    return (
+        markdown
+        + f"\n\nfrom {len(rows)} experiment_summary.json files under {run_dir}; files in {output_dir}/"
+    )
+
+
+def _write_files(table: pd.DataFrame, markdown: str, output_dir: Path) -> Path | None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plot = _pareto_plot(table, output_dir / "pareto.png")
+    table.to_csv(output_dir / "table.csv", index=False)
+    (output_dir / "table.md").write_text(markdown + "\n")
+    (output_dir / "table.html").write_text(to_html(table, plot))
+    (output_dir / "table.tex").write_text(to_latex(table))
+    return plot
 
 
 def to_html(table: pd.DataFrame, plot: Path | None) -> str:

@@ -434,6 +434,14 @@ def _log_rollup(parent: ParentRun) -> None:
         "co2e_kg": totals.get("co2e_kg"),
         "stages": {s.stage: {**s.summary, "reused": s.reused, "run_id": s.run_id} for s in parent.stages},
     }
+    # The parent's own tags and metrics as logged: `dist-bench report --run-dir` builds the same table row
+    # from this file without a tracking server.
+    logged = MlflowClient().get_run(parent.run_id)
+    summary["run"] = {
+        "name": logged.info.run_name,
+        "tags": {k: v for k, v in logged.data.tags.items() if k.startswith("dist_bench.") or "/energy." in k},
+        "metrics": dict(logged.data.metrics),
+    }
     mlflow.log_dict(summary, "experiment_summary.json")
     out = Path(parent.cfg.output.run_dir).resolve() / "pipelines" / parent.run_id
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -252,3 +253,22 @@ def test_report_filter_in_mlflow_search_syntax(world: dict) -> None:
     assert len(rows) == 2 and "| kd |" not in table  # the teacher's and the logged student's evaluations
     with pytest.raises(ValueError, match="--filter"):
         report.run(["dist-bench"], world["root"] / "report-bad", "tags.nonsense ~~ 'x'")
+
+
+def test_report_from_the_run_dir_without_a_tracking_server(world: dict, tmp_path: Path) -> None:
+    import pandas as pd
+
+    markdown = report.from_run_dir(world["root"] / "runs", tmp_path / "offline")
+    offline = pd.read_csv(tmp_path / "offline" / "table.csv")
+    online = pd.read_csv(world["root"] / "report" / "table.csv")
+    shared = online[online["run_id"].isin(offline["run_id"])]  # the fixture's report ran before `logged`
+    assert list(shared["run"]) == list(offline["run"])[: len(shared)]
+    for column in (
+        "total_kwh",
+        "tiny_arith/exact_match",
+        "students_sharing_teacher",
+        "teacher_kwh_amortised",
+    ):
+        left = offline.set_index("run_id").loc[shared["run_id"], column].tolist()
+        assert left == pytest.approx(shared[column].tolist(), nan_ok=True), column
+    assert (tmp_path / "offline" / "table.tex").is_file() and "| tiny-kd |" in markdown
