@@ -92,16 +92,18 @@ def from_run_dir(run_dir: Path, output_dir: Path) -> str:
     runs = []
     for path in sorted(Path(run_dir).rglob("experiment_summary.json")):
         summary = json.loads(path.read_text())
-        if "run" not in summary:
+        if "start_time" not in summary.get("run", {}):
             raise ValueError(
                 f"--run-dir: {path} was written before summaries carried their run's tags and metrics"
             )
         data = SimpleNamespace(tags=summary["run"]["tags"], metrics=summary["run"]["metrics"], params={})
-        info = SimpleNamespace(run_name=summary["run"]["name"], run_id=summary["run_id"])
+        info = SimpleNamespace(
+            run_name=summary["run"]["name"], run_id=summary["run_id"], start_time=summary["run"]["start_time"]
+        )
         runs.append((summary.get("stages", {}), SimpleNamespace(info=info, data=data)))
     if not runs:
         raise ValueError(f"--run-dir: no experiment_summary.json under {run_dir}")
-    runs.sort(key=lambda item: min((s.get("started_at") or "" for s in item[0].values()), default=""))
+    runs.sort(key=lambda item: item[1].info.start_time)  # the order of the tracking server's table
     rows = [_row_facts(run) for _, run in runs]
     rows.sort(key=lambda r: r["sweep"] or "")
     table = build_table(rows)

@@ -439,6 +439,7 @@ def _log_rollup(parent: ParentRun) -> None:
     logged = MlflowClient().get_run(parent.run_id)
     summary["run"] = {
         "name": logged.info.run_name,
+        "start_time": logged.info.start_time,  # ms since the epoch: the table's row order
         "tags": {k: v for k, v in logged.data.tags.items() if k.startswith("dist_bench.") or "/energy." in k},
         "metrics": dict(logged.data.metrics),
     }

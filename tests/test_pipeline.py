@@ -250,7 +250,8 @@ def _experiments() -> list[str]:
 def test_report_filter_in_mlflow_search_syntax(world: dict) -> None:
     table = report.run(["dist-bench"], world["root"] / "report-eval", "tags.`dist_bench.pipeline` = 'eval'")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "| eval |" in line]
-    assert len(rows) == 2 and "| kd |" not in table  # the teacher's and the logged student's evaluations
+    # the evaluations only (the teacher's, the logged student's, a checkpoint's if that test ran first)
+    assert len(rows) >= 2 and "| kd |" not in table
     with pytest.raises(ValueError, match="--filter"):
         report.run(["dist-bench"], world["root"] / "report-bad", "tags.nonsense ~~ 'x'")
 
