@@ -34,6 +34,7 @@ from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.energy import EnergyReading
 from dist_bench.evaluation import tasks as task_plan
+from dist_bench.progress import Progress
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
     records = {t.name: _read_record(done_dir / f"{t.name}.json") for t in plan.tasks}
     lm: CountingHFLM | None = None
     manager = None
+    progress = Progress(STAGE, len(plan.tasks), "tasks", done=sum(r is not None for r in records.values()))
     for task in plan.tasks:
         if records[task.name] is not None:
             continue  # finished by an earlier attempt
@@ -141,6 +143,8 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
         _write_record(done_dir / f"{task.name}.json", record)
         ctx.commit_energy()
         records[task.name] = record
+        progress.advance()
+    progress.close()
     finished = [r for r in records.values() if r is not None]
     metrics: dict[str, float] = {}
     for record in finished:

@@ -23,6 +23,7 @@ through `StageMetricsCallback` (HF's MLflow callback would open a run of its own
 from __future__ import annotations
 
 import functools
+import itertools
 import shutil
 import types
 import warnings
@@ -43,6 +44,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import IGNORE, Example
+from dist_bench.progress import Progress
 from dist_bench.student.losses import DEFAULT_CHUNK, VOCAB_TILE, kd_loss
 from dist_bench.teacher.logit_cache import TopKCache
 from dist_bench.tracking import StageContext
@@ -337,6 +339,28 @@ class StageMetricsCallback(TrainerCallback):
     ):
         self.ctx, self.plan, self.examples, self.padding_free = ctx, plan, examples, padding_free
         self.last: dict[str, float] = {}
+        # tokens through each step, for the progress line (tokens against the budget)
+        self.tokens_after = list(
+            itertools.accumulate(
+                sum(len(examples[i].input_ids) for micro in step for i in micro) for step in plan
+            )
+        )
+        self.progress: Progress | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        total = self.tokens_after[-1] if self.tokens_after else 0
+        done = (
+            self.tokens_after[state.global_step - 1] if state.global_step else 0
+        )  # resumed from a checkpoint
+        self.progress = Progress("student_train", total, "tokens", done=done)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None and 0 < state.global_step <= len(self.tokens_after):
+            self.progress.set(self.tokens_after[state.global_step - 1])
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any

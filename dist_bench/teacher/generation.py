@@ -36,6 +36,7 @@ from dist_bench.config import DataConfig, ModelSpec, RunConfig, flatten
 from dist_bench.dataset import data_fingerprint, read_records
 from dist_bench.errors import DataError
 from dist_bench.generation.filters import Generated, apply_filters
+from dist_bench.progress import Progress
 from dist_bench.teacher.interface import Decoding, Prompt, Teacher
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
@@ -209,25 +210,28 @@ def write_shards(
     `writer` None: every shard exists already (see shards_complete; a resumed stage need not load it)."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = shard_count(len(prompts), shard_size)
-    for shard in range(n_shards):
-        path = shard_dir / f"shard-{shard:05d}.jsonl"
-        if path.exists():
-            continue
-        if writer is None:
-            raise ValueError(f"{path}: missing, and no writer to write it")
-        chunk = prompts[shard * shard_size : (shard + 1) * shard_size]
-        try:
-            completions = writer.generate(chunk, decoding, seed)
-        except Exception:
-            _log_api_metrics(writer)  # a budget stop still records what was spent and fetched
-            raise
-        lines = [
-            _row(prompt, sample, completion, writer.identity(), decoding)
-            for prompt, samples in zip(chunk, completions, strict=True)
-            for sample, completion in enumerate(samples)
-        ]
-        write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
-        on_shard_committed()
+    chunks = [prompts[shard * shard_size : (shard + 1) * shard_size] for shard in range(n_shards)]
+    paths = [shard_dir / f"shard-{shard:05d}.jsonl" for shard in range(n_shards)]
+    done = sum(len(chunk) for chunk, path in zip(chunks, paths, strict=True) if path.exists())
+    with Progress(f"{STAGE} ({shard_dir.name})", len(prompts), "prompts", done=done) as progress:
+        for chunk, path in zip(chunks, paths, strict=True):
+            if path.exists():
+                continue
+            if writer is None:
+                raise ValueError(f"{path}: missing, and no writer to write it")
+            try:
+                completions = writer.generate(chunk, decoding, seed)
+            except Exception:
+                _log_api_metrics(writer)  # a budget stop still records what was spent and fetched
+                raise
+            lines = [
+                _row(prompt, sample, completion, writer.identity(), decoding)
+                for prompt, samples in zip(chunk, completions, strict=True)
+                for sample, completion in enumerate(samples)
+            ]
+            write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
+            on_shard_committed()
+            progress.advance(len(chunk))
     return [json.loads(line) for shard in range(n_shards) for line in _shard_lines(shard_dir, shard)]
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Example, chat_template, collate, data_fingerprint, load_examples
+from dist_bench.progress import Progress
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
 STAGE = "logit_caching"
@@ -98,13 +99,16 @@ def cache_logits(
     shard_dir.mkdir(parents=True, exist_ok=True)
     size = cfg.logits.shard_size
     n_shards = (len(examples) + size - 1) // size
-    for shard in range(n_shards):
-        if _shard_complete(shard_dir, shard):
-            continue
-        indices = list(range(shard * size, min((shard + 1) * size, len(examples))))
-        tensors = _teacher_topk(teacher, examples, indices, pad_id, cfg)
-        _write_shard(shard_dir, shard, tensors)
-        on_shard_committed()
+    done = sum(_shard_complete(shard_dir, shard) for shard in range(n_shards))
+    with Progress("logit_caching", n_shards, "shards", done=done) as progress:
+        for shard in range(n_shards):
+            if _shard_complete(shard_dir, shard):
+                continue
+            indices = list(range(shard * size, min((shard + 1) * size, len(examples))))
+            tensors = _teacher_topk(teacher, examples, indices, pad_id, cfg)
+            _write_shard(shard_dir, shard, tensors)
+            on_shard_committed()
+            progress.advance()
     shards = [json.loads((shard_dir / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
     return {
         "format": FORMAT,
