@@ -176,7 +176,10 @@ def _detach_from_mlflow_run() -> list[str]:
 
     client = MlflowClient()
     client.set_tag(outer, "dist_bench.role", "sweep")
-    experiment = client.get_experiment(client.get_run(outer).info.experiment_id).name
+    experiment_id = client.get_run(outer).info.experiment_id
+    if experiment_id == "0":  # no --experiment-name: MLflow's Default, not a choice; the config's stands
+        return []
+    experiment = client.get_experiment(experiment_id).name
     return [f"tracking.experiment_name={json.dumps(experiment)}"]  # quoted: any name parses as a string
 
 
@@ -516,6 +519,15 @@ def _print_stages(run: object) -> None:
             f"{stage.stage:>14}: {how} (run {stage.run_id}) {stage.metrics.get('duration_s', 0):.1f} s, {shown}"
         )
     typer.echo(f"parent run: {run.run_id}")  # type: ignore[attr-defined]
+    from dist_bench.headline import view_url
+    from dist_bench.preflight import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"in the MLflow UI, headline columns: {redact(view_url(uri, run.experiment_id))}")  # type: ignore[attr-defined]
+    else:  # a local store: the UI is `mlflow ui` on it, at its default address
+        url = view_url("http://127.0.0.1:5000", run.experiment_id)  # type: ignore[attr-defined]
+        typer.echo(f"in the MLflow UI (mlflow ui --backend-store-uri {uri}), headline columns: {url}")
 
 
 @app.callback()

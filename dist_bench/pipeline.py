@@ -44,7 +44,7 @@ def kd(
     more tags for the parent (a sweep's point)."""
     checks = preflight.kd(cfg) if checks is None else checks  # every input, before any run or stage
     with pipeline_run(
-        cfg, "kd", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+        cfg, "kd", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks, cfg.student.model
     ) as parent:
         if cfg.prerun.enabled:  # first: a failed required check stops it before any teacher work
             prerun.run_stage(parent)
@@ -65,7 +65,7 @@ def sft(
     the data itself."""
     checks = preflight.sft(cfg) if checks is None else checks
     with pipeline_run(
-        cfg, "sft", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+        cfg, "sft", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks, cfg.student.model
     ) as parent:
         if cfg.prerun.enabled:
             prerun.run_stage(parent)
@@ -89,7 +89,7 @@ def dpo(
     the teacher built (preferences.method) or on preferences.path's."""
     checks = preflight.dpo(cfg) if checks is None else checks
     with pipeline_run(
-        cfg, "dpo", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks
+        cfg, "dpo", _run_name(cfg, tags), {**_identity_tags(cfg), **(tags or {})}, checks, cfg.student.model
     ) as parent:
         if cfg.prerun.enabled:
             prerun.run_stage(parent)
@@ -143,7 +143,9 @@ def _run_name(cfg: RunConfig, tags: dict[str, str] | None) -> str:
 def generate(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
     """The teacher_generation stage alone; a later `sft` with the same generation settings reuses it."""
     checks = preflight.generate(cfg) if checks is None else checks
-    with pipeline_run(cfg, "generate", f"{cfg.name}-generate", _identity_tags(cfg), checks) as parent:
+    with pipeline_run(
+        cfg, "generate", f"{cfg.name}-generate", _identity_tags(cfg), checks, cfg.teacher.model
+    ) as parent:
         generation.run(parent)
     return parent
 
@@ -151,14 +153,18 @@ def generate(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> Par
 def build_preferences(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
     """teacher_generation in preference mode alone; a later `dpo` with the same settings reuses its pairs."""
     checks = preflight.preferences(cfg) if checks is None else checks
-    with pipeline_run(cfg, "preferences", f"{cfg.name}-preferences", _identity_tags(cfg), checks) as parent:
+    with pipeline_run(
+        cfg, "preferences", f"{cfg.name}-preferences", _identity_tags(cfg), checks, cfg.teacher.model
+    ) as parent:
         preferences.run(parent)
     return parent
 
 
 def cache_logits(cfg: RunConfig, checks: list[preflight.Check] | None = None) -> ParentRun:
     checks = preflight.cache_logits(cfg) if checks is None else checks
-    with pipeline_run(cfg, "cache_logits", f"{cfg.name}-cache", _identity_tags(cfg), checks) as parent:
+    with pipeline_run(
+        cfg, "cache_logits", f"{cfg.name}-cache", _identity_tags(cfg), checks, cfg.teacher.model
+    ) as parent:
         logit_cache.run(parent)
     return parent
 
@@ -168,7 +174,7 @@ def evaluate(
 ) -> ParentRun:
     tags = {"dist_bench.student": model, "dist_bench.data": ",".join(cfg.eval.tasks)}
     checks = preflight.evaluate(cfg, model) if checks is None else checks
-    with pipeline_run(cfg, "eval", f"eval:{model}", tags, checks) as parent:
+    with pipeline_run(cfg, "eval", f"eval:{model}", tags, checks, model) as parent:
         eval_stage.run(parent, model=model, dtype=dtype)
     return parent
 

@@ -28,18 +28,13 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from dist_bench import preflight
+from dist_bench.headline import ROLES
 from dist_bench.redact import redact
 from dist_bench.tracking import ROLE, open_store, tracking_uri
 
 # What the eval stage logs per task beside its scores (evaluation/stage.py): costs, not quality columns.
 TASK_COSTS = ("energy_j", "duration_s", "tokens", "j_per_token", "judge_tokens", "judge_spend_usd")
 
-ROLES = {
-    "prerun": ("prerun",),
-    "teacher": ("logit_caching", "teacher_generation"),
-    "student": ("student_train", "dpo_training"),
-    "eval": ("eval",),
-}
 ESTIMATED = "~"
 
 

@@ -38,8 +38,8 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment, liveness
-from dist_bench.config import RunConfig, config_hash
+from dist_bench import environment, headline, liveness
+from dist_bench.config import RunConfig, config_hash, flatten
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
 from dist_bench.energy.outputs import StageSeries, append_results_row, plot_timeline, write_timeline_csv
@@ -109,6 +109,7 @@ class ParentRun:
     experiment_id: str
     cfg: RunConfig
     pipeline: str
+    name: str  # the run's name; its stage runs are "<name>/<stage>"
     stages: list[StageResult] = field(default_factory=list)
     idle_power_w: float | None = None  # per GPU, for the stages' net energy
     idle_source: str = "none"  # config | measured | prerun | none
@@ -162,6 +163,40 @@ def code_version() -> str:
     return f"{commit}+dirty.{hashlib.sha256(diff).hexdigest()[:12]}"
 
 
+# The config sections each pipeline's result depends on. They (with the model) are the parent's params and
+# its config hash, so an eval parent does not carry the KD settings and evals of two models differ; the
+# whole config is in the artifact config/merged.yaml.
+PIPELINE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "kd": ("teacher", "student", "data", "logits", "train", "kd", "eval", "energy", "prerun"),
+    "sft": ("teacher", "student", "data", "generation", "train", "eval", "energy", "prerun"),
+    "dpo": ("teacher", "student", "data", "preferences", "dpo", "train", "eval", "energy", "prerun"),
+    "eval": ("eval", "energy"),
+    "cache_logits": ("teacher", "data", "logits", "energy"),
+    "generate": ("teacher", "data", "generation", "energy"),
+    "preferences": ("teacher", "student", "data", "preferences", "energy"),
+    "prerun": ("prerun", "energy"),
+}
+
+
+def pipeline_config(cfg: RunConfig, pipeline: str, model: str) -> dict[str, Any]:
+    """What a pipeline's parent records as params and hashes: pipeline, model, seed, its sections."""
+    tree = cfg.model_dump(mode="json")
+    sections = PIPELINE_SECTIONS.get(
+        pipeline, tuple(k for k in tree if k not in ("name", "tracking", "output"))
+    )
+    extra = {"ablations": tree["ablations"]} if tree.get("ablations") else {}
+    for optional in ("prerun", "generation"):  # switched off: only that it was off applies
+        if optional in sections and not tree[optional]["enabled"] and pipeline != optional:
+            tree[optional] = {"enabled": False}
+    return {
+        "pipeline": pipeline,
+        "model": model,
+        "seed": tree["seed"],
+        **{k: tree[k] for k in sections},
+        **extra,
+    }
+
+
 @contextmanager
 def pipeline_run(
     cfg: RunConfig,
@@ -169,24 +204,25 @@ def pipeline_run(
     run_name: str,
     tags: dict[str, str] | None = None,
     checks: list[Check] | None = None,
+    model: str = "none",
 ) -> Iterator[ParentRun]:
-    """The parent run: config, params, environment snapshot; FINISHED only if every stage finished."""
+    """The parent run: config, params, environment snapshot; FINISHED only if every stage finished.
+    `model`: the model the pipeline trains from or evaluates (the `model` param of every pipeline)."""
     open_store()
     liveness.close_dead_runs()
     commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
+    recorded = pipeline_config(cfg, pipeline, model)
     with liveness.hold_lock(cfg.output.run_dir) as lock:
         run_tags = {
             ROLE: "pipeline",
             "dist_bench.pipeline": pipeline,
-            "dist_bench.config_hash": cfg.hash(),
+            "dist_bench.config_hash": config_hash(recorded),
             "dist_bench.git_commit": commit or "none",
             "dist_bench.git_dirty": str(dirty).lower(),
             **liveness.tags(lock),
             **(tags or {}),
         }
-        if os.environ.get(
-            "MLFLOW_RUN_ID"
-        ):  # under `mlflow run`: continue the run it created, in its experiment
+        if _continue_mlflow_run(cfg):  # under `mlflow run`: continue the run it created, in its experiment
             run = mlflow.start_run(run_name=run_name, tags=run_tags)
         else:
             # Not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID, which would pin every later pipeline
@@ -194,9 +230,11 @@ def pipeline_run(
             # call, so not even a kill in the first instant leaves an untagged run behind.
             experiment = experiment_id(cfg.tracking.experiment_name)
             run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=run_tags)
-        parent = ParentRun(run.info.run_id, run.info.experiment_id, cfg, pipeline, liveness_lock=lock)
+        parent = ParentRun(
+            run.info.run_id, run.info.experiment_id, cfg, pipeline, run_name, liveness_lock=lock
+        )
         try:
-            _log_params(parent.run_id, cfg.flat())
+            _log_params(parent.run_id, flatten(recorded))
             mlflow.log_text(
                 yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/merged.yaml"
             )
@@ -212,6 +250,29 @@ def pipeline_run(
             mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")
+
+
+def _continue_mlflow_run(cfg: RunConfig) -> bool:
+    """Under `mlflow run`, continue the run it created: in the experiment `--experiment-name` chose. Without
+    that option MLflow puts the run in Default before any of our code runs, and a run cannot move: it is
+    then marked a launcher (a note links the pipeline) and the pipeline's runs go to the configured
+    experiment, with everything else of that config."""
+    outer = os.environ.get("MLFLOW_RUN_ID")
+    if not outer:
+        return False
+    client = MlflowClient()
+    launched = client.get_run(outer)
+    if launched.info.experiment_id != "0" or cfg.tracking.experiment_name == "Default":
+        return True
+    os.environ.pop("MLFLOW_RUN_ID")
+    client.set_tag(outer, ROLE, "launcher")
+    client.set_tag(
+        outer,
+        headline.NOTE,
+        f"`mlflow run` without --experiment-name starts its run here, in Default; the pipeline's runs are in "
+        f"the configured experiment '{cfg.tracking.experiment_name}' (tracking.experiment_name).",
+    )
+    return False
 
 
 def execute_stage(
@@ -279,7 +340,9 @@ def _run(
         **tags,
     }
     # Created with its tags in one call: a kill in the next instant still leaves a run the next attempt finds.
-    run = mlflow.start_run(run_name=stage, nested=True, experiment_id=parent.experiment_id, tags=run_tags)
+    run = mlflow.start_run(
+        run_name=f"{parent.name}/{stage}", nested=True, experiment_id=parent.experiment_id, tags=run_tags
+    )
     run_id = run.info.run_id
     try:
         for earlier in interrupted:
@@ -420,13 +483,16 @@ def _log_rollup(parent: ParentRun) -> None:
     if "net_energy_j" in totals:
         totals["net_energy_kwh"] = totals["net_energy_j"] / 3.6e6
     MlflowClient().log_batch(parent.run_id, metrics=[_metric(f"total/{k}", v) for k, v in totals.items()])
+    _log_headline(parent, totals)
     plot = plot_timeline(parent.timeline, Path(tempfile.mkdtemp()) / "power_timeline.png")
     if plot:
         mlflow.log_artifact(str(plot), "energy")
+    else:
+        mlflow.log_text(_no_timeline(parent.stages), "energy/power_timeline.txt")
     summary = {
         "pipeline": parent.pipeline,
         "run_id": parent.run_id,
-        "config_hash": parent.cfg.hash(),
+        "config_hash": parent_tag(parent, "dist_bench.config_hash"),
         "total_energy_kwh": totals.get("total_energy_kwh"),
         "total_energy_joules": totals.get("total_energy_j"),
         "total_duration_seconds": totals.get("duration_s"),
@@ -447,6 +513,34 @@ def _log_rollup(parent: ParentRun) -> None:
     out = Path(parent.cfg.output.run_dir).resolve() / "pipelines" / parent.run_id
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / "experiment_summary.json", summary)
+
+
+def _log_headline(parent: ParentRun, totals: dict[str, float]) -> None:
+    """The few metrics, the tag and the description a user of the MLflow UI looks for first (headline.py)."""
+    from dist_bench.report import EVAL_TASKS, quality_columns  # the report imports this module
+
+    client = MlflowClient()
+    stage_metrics = {s.stage: s.metrics for s in parent.stages}
+    figures = headline.metrics(totals, stage_metrics)
+    client.log_batch(parent.run_id, metrics=[_metric(k, v) for k, v in figures.items()], synchronous=True)
+    logged = client.get_run(parent.run_id)
+    tasks = logged.data.tags.get(EVAL_TASKS)
+    quality = quality_columns(dict(logged.data.metrics), tasks.split(",") if tasks else None)
+    sources = [(s.stage, s.reused, s.summary.get("energy_sources", {})) for s in parent.stages]
+    client.set_tag(parent.run_id, headline.COVERS, headline.covers(sources))
+    note = headline.description(parent.pipeline, parent.name, logged.data.tags, figures, quality)
+    client.set_tag(parent.run_id, headline.NOTE, note)
+    headline.update_view(client, parent.experiment_id, list(quality))
+
+
+def _no_timeline(stages: list[StageResult]) -> str:
+    """In place of a power timeline that could not be drawn: why (each stage's GPU energy note)."""
+    lines = ["No power timeline: it plots the GPU power samples, and none were taken."]
+    for s in stages:
+        notes = s.summary.get("energy_notes", {})
+        why = notes.get("gpu") or notes.get("gpu_sampler") or "no GPU samples"
+        lines.append(f"- {s.stage}{' (reused)' if s.reused else ''}: {why}")
+    return "\n".join(lines) + "\n"
 
 
 def _stage_summary(
@@ -516,6 +610,12 @@ def _set_idle_power(parent: ParentRun) -> None:
 def _log_timeline(parent: ParentRun, stage: str, window: EnergyWindow, stage_dir: Path) -> None:
     """The stage's power timeline as CSV + PNG on its run; kept for the pipeline-wide plot."""
     if not window.samples or window.started_at is None or window.ended_at is None:
+        why = window.reading.notes.get("gpu") if window.reading else None
+        mlflow.log_text(
+            f"No power timeline for this stage: it plots GPU power samples and none were taken "
+            f"({why or 'energy sampling off or the stage too short'}).\n",
+            "energy/power_timeline.txt",
+        )
         return
     series = StageSeries(stage, window.started_at, window.ended_at, window.samples)
     parent.timeline.append(series)

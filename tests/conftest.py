@@ -16,6 +16,8 @@ import pytest
 import requests
 
 from dist_bench.config import RunConfig, load_config
+from dist_bench.energy import gpu as gpu_module
+from dist_bench.energy.nvml_sim import SimulatedGpu, SimulatedNvml, constant
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -94,3 +96,14 @@ def server(tmp_path: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def simulated_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatedNvml]:
+    """This process 'has' one H100 drawing 250 W: NVML is the simulation, torch reports its UUID."""
+    nvml = SimulatedNvml(
+        SimulatedGpu("GPU-5151", "NVIDIA H100 80GB HBM3", 81559, constant(250.0), memory_used_mb=2048.0)
+    )
+    monkeypatch.setattr(gpu_module, "load_nvml", lambda: nvml)
+    monkeypatch.setattr(gpu_module, "torch_cuda_uuids", lambda: ["5151"])
+    yield nvml

@@ -8,7 +8,6 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -17,21 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SMALL, small_config
 from dist_bench import pipeline, report
-from dist_bench.energy import gpu as gpu_module
-from dist_bench.energy.nvml_sim import SimulatedGpu, SimulatedNvml, constant
+from dist_bench.energy.nvml_sim import SimulatedNvml
 
 STAGES = ["logit_caching", "student_train", "eval"]
-
-
-@pytest.fixture
-def simulated_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatedNvml]:
-    """This process 'has' one H100 drawing 250 W: NVML is the simulation, torch reports its UUID."""
-    nvml = SimulatedNvml(
-        SimulatedGpu("GPU-5151", "NVIDIA H100 80GB HBM3", 81559, constant(250.0), memory_used_mb=2048.0)
-    )
-    monkeypatch.setattr(gpu_module, "load_nvml", lambda: nvml)
-    monkeypatch.setattr(gpu_module, "torch_cuda_uuids", lambda: ["5151"])
-    yield nvml
 
 
 def test_stages_get_gpu_energy_timelines_net_energy_and_results_rows(
