@@ -62,9 +62,10 @@ def test_parents_carry_headline_metrics_a_description_and_their_own_params(
         # Stage runs say whose stage they are.
         names = sorted(client.get_run(s.run_id).info.run_name for s in parent.stages)
         assert names == sorted(f"{run.info.run_name}/{s.stage}" for s in parent.stages)
-    assert client.get_run(kd.run_id).data.tags["dist_bench.config_hash"] != client.get_run(
-        sft.run_id
-    ).data.tags["dist_bench.config_hash"]
+    assert (
+        client.get_run(kd.run_id).data.tags["dist_bench.config_hash"]
+        != client.get_run(sft.run_id).data.tags["dist_bench.config_hash"]
+    )
     # The experiment's shared view: pipeline parents, the headline columns, every quality column seen.
     experiment = client.get_experiment(kd.experiment_id)
     view = json.loads(experiment.tags[headline.VIEW_TAG])
