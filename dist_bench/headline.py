@@ -46,7 +46,7 @@ J_PER_WH = 3600.0
 
 
 def metrics(totals: dict[str, float], stages: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The headline metrics from the parent's totals (`total/<name>` without the prefix) and each stage's
+    """The headline metrics (four significant digits) from the parent's totals (`total/<name>` without the prefix) and each stage's
     metrics. A figure the totals lack (a component that could not be measured) is absent, never 0."""
     out: dict[str, float] = {}
     for name, total in (("energy_wh", "total_energy_j"), ("net_energy_wh", "net_energy_j"),
@@ -63,7 +63,9 @@ def metrics(totals: dict[str, float], stages: dict[str, dict[str, float]]) -> di
         out["j_per_token"] = totals["j_per_token"]
     if "duration_s" in totals:
         out["wall_time_min"] = totals["duration_s"] / 60
-    return out
+    # Four significant digits: the runs table shows a value as logged (0.06313770055009324), and these are
+    # for reading; the exact figures stay in total/<metric> and <stage>/<metric>.
+    return {name: float(f"{value:.4g}") for name, value in out.items()}
 
 
 def covers(stages: list[tuple[str, bool, dict[str, str]]]) -> str:
@@ -121,7 +123,7 @@ def update_view(client: MlflowClient, experiment_id: str, quality: list[str]) ->
 
 def view_url(ui: str, experiment_id: str) -> str:
     """The runs table with the headline columns (`ui`: the tracking server's address)."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?viewStateShareKey={quote(VIEW_KEY)}"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(VIEW_KEY)}"
 
 
 def _view_state(value: str | None) -> dict[str, Any]:

@@ -29,17 +29,19 @@ def test_parents_carry_headline_metrics_a_description_and_their_own_params(
     for parent, cfg in ((kd, kd_cfg), (sft, None)):
         run = client.get_run(parent.run_id)
         metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
-        assert metrics["energy_wh"] == pytest.approx(metrics["total/total_energy_j"] / 3600)
-        assert metrics["gpu_energy_wh"] == pytest.approx(metrics["total/gpu_energy_j"] / 3600)
+        assert metrics["energy_wh"] == float(f"{metrics['total/total_energy_j'] / 3600:.4g}")
+        assert metrics["gpu_energy_wh"] == pytest.approx(metrics["total/gpu_energy_j"] / 3600, rel=1e-3)
         assert "co2e_g" not in metrics and "total/co2e_kg" not in metrics  # CPU and RAM unmeasured here
-        assert metrics["j_per_token"] == metrics["total/j_per_token"]
-        assert metrics["wall_time_min"] == pytest.approx(metrics["total/duration_s"] / 60)
+        assert metrics["j_per_token"] == pytest.approx(metrics["total/j_per_token"], rel=1e-3)
+        assert metrics["wall_time_min"] == pytest.approx(metrics["total/duration_s"] / 60, rel=1e-3)
         teacher = metrics.get("logit_caching/total_energy_j", 0.0)
-        assert metrics["student_energy_wh"] == pytest.approx(metrics["student_train/total_energy_j"] / 3600)
-        assert metrics["eval_energy_wh"] == pytest.approx(metrics["eval/total_energy_j"] / 3600)
+        assert metrics["student_energy_wh"] == pytest.approx(
+            metrics["student_train/total_energy_j"] / 3600, rel=1e-3
+        )
+        assert metrics["eval_energy_wh"] == pytest.approx(metrics["eval/total_energy_j"] / 3600, rel=1e-3)
         assert ("teacher_energy_wh" in metrics) == (parent is kd)
         assert sum(metrics.get(f"{r}_energy_wh", 0.0) for r in headline.ROLES) == pytest.approx(
-            metrics["energy_wh"]
+            metrics["energy_wh"], rel=1e-3
         )
         assert teacher >= 0
         # What the total covers, stage by stage, with each component's source.
@@ -93,7 +95,7 @@ def test_without_a_gpu_a_note_stands_where_the_timeline_would_be_and_no_artifact
 ) -> None:
     parent = pipeline.kd(small_config(workdir, "energy.codecarbon=true"))  # CPU and RAM estimated
     metrics = MlflowClient().get_run(parent.run_id).data.metrics
-    assert metrics["co2e_g"] == pytest.approx(metrics["total/co2e_kg"] * 1000)
+    assert metrics["co2e_g"] == pytest.approx(metrics["total/co2e_kg"] * 1000, rel=1e-3)
     assert "gpu_energy_wh" not in metrics and metrics["energy_wh"] > 0
     registry.register(parent.run_id, "tiny-kd-student", "candidate")  # a logged model has its own folder
     report.run(["dist-bench"], workdir / "report")
