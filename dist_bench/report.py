@@ -91,7 +91,11 @@ def from_run_dir(run_dir: Path, output_dir: Path) -> str:
             raise ValueError(
                 f"--run-dir: {path} was written before summaries carried their run's tags and metrics"
             )
-        data = SimpleNamespace(tags=summary["run"]["tags"], metrics=summary["run"]["metrics"], params={})
+        data = SimpleNamespace(
+            tags=summary["run"]["tags"],
+            metrics=summary["run"]["metrics"],
+            params=summary["run"].get("params", {}),
+        )
         info = SimpleNamespace(
             run_name=summary["run"]["name"], run_id=summary["run_id"], start_time=summary["run"]["start_time"]
         )
@@ -181,6 +185,9 @@ def _row_facts(run: Any) -> dict[str, Any]:
         "sweep": tags.get("dist_bench.sweep"),
         "ablation": tags.get("dist_bench.ablation"),
         "tokens": metrics.get("total/tokens"),
+        "token_budget": _int(run.data.params.get("train.token_budget"))
+        if run.data.params.get("pipeline") in TRAINING
+        else None,
         "wall_s": metrics.get("total/duration_s"),
         "gpu_kwh": _kwh(metrics.get("total/gpu_energy_j")),
         "total_kwh": metrics.get("total/total_energy_kwh"),
@@ -206,7 +213,23 @@ def _row_facts(run: Any) -> dict[str, Any]:
         facts[f"{role}_kwh"] = _kwh(sum(joules)) if joules else None
     tasks = tags.get(EVAL_TASKS)
     facts["quality"] = quality_columns(metrics, tasks.split(",") if tasks else None)
+    task_names = tasks.split(",") if tasks else sorted({c.split("/")[0] for c in facts["quality"]})
+    facts["task_energy"] = {  # each task's share of the eval stage (evaluation/stage.py splits it)
+        f"eval_kwh:{task}": metrics[f"eval/{task}/energy_j"] / 3.6e6
+        for task in task_names
+        if f"eval/{task}/energy_j" in metrics
+    }
     return facts
+
+
+TRAINING = ("kd", "sft", "dpo")  # pipelines that train a student under train.token_budget
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "None") else None
+    except ValueError:
+        return None
 
 
 EVAL_TASKS = "dist_bench.eval_tasks"  # parent tag: the task names the eval stage ran (evaluation/stage.py)
@@ -253,6 +276,7 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "teacher",
                 "student",
                 "data",
+                "token_budget",
                 "tokens",
                 "reused",
             )
@@ -282,6 +306,7 @@ def build_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             math.ceil(teacher / student) if teacher is not None and student else None
         )
         record.update(r["quality"])
+        record.update(r["task_energy"])
         record["estimated_energy"] = r["estimated"]
         record["run_id"] = r["run_id"]
         records.append(record)
@@ -306,6 +331,13 @@ def to_markdown(table: pd.DataFrame) -> str:
             f"{ESTIMATED} includes CPU/RAM energy estimated by CodeCarbon (no readable RAPL); GPU energy, where "
             "present, is from NVML's energy counter."
         )
+    budgets = table["token_budget"].dropna().unique() if "token_budget" in table else []
+    if len(budgets) > 1:
+        lines.append(
+            "token_budget differs between training rows ("
+            + ", ".join(f"{b:,.0f}" for b in sorted(budgets))
+            + "): compare methods at equal budget (--filter on params.`train.token_budget`)."
+        )
     if table["gpu_kwh"].isna().any():
         lines.append(
             "gpu_kwh n/a: not measured (no NVIDIA GPU visible, or NVML failed; each stage run's energy.gpu.note "
@@ -322,14 +354,15 @@ def _cell(column: str, value: Any, estimated: bool) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
-        text = f"{value:.3g}" if column in ENERGY_COLUMNS or abs(value) < 1 else f"{value:,.0f}"
+        energy = column in ENERGY_COLUMNS or column.startswith("eval_kwh:")
+        text = f"{value:.3g}" if energy or abs(value) < 1 else f"{value:,.0f}"
         if column in {"wall_s"}:
             text = f"{value:.1f}"
         if column == "gpu_uncertainty_pct":
             return f"±{value:.1f}%"
         if column.count("/") == 1:  # quality: task/metric
             text = f"{value:.3f}"
-        return f"{ESTIMATED}{text}" if estimated and column in ENERGY_COLUMNS else text
+        return f"{ESTIMATED}{text}" if estimated and energy else text
     return str(value)
 
 

@@ -1,9 +1,11 @@
-"""MLflow: the parent run of a pipeline, one nested child run per stage, stage reuse, and the roll-up.
+"""MLflow: the parent run of a pipeline, one nested child run per stage, stage reuse (the roll-up onto the
+parent is rollup.py's).
 
     with pipeline_run(cfg, pipeline="kd", run_name=cfg.name) as parent:
         cache = execute_stage(parent, "logit_caching", params, work=...)   # a StageResult
         ...
-    # parent carries <stage>/<metric>, total/<metric>, eval/<task>/<metric> and experiment_summary.json
+    # parent carries <stage>/<metric>, total/<metric>, eval/<task>/<metric>, the headline metrics and
+    # experiment_summary.json; its params are the pipeline's config sections and its model
 
 A stage is reused, not recomputed, when a FINISHED run of the same stage id exists whose params (compared
 as strings, as MLflow's multistep example does) and code version match and whose outputs are still on
@@ -24,8 +26,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,14 +35,14 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment, headline, liveness
+from dist_bench import environment, headline, liveness, rollup
 from dist_bench.config import RunConfig, config_hash, flatten
 from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
-from dist_bench.energy.outputs import StageSeries, append_results_row, plot_timeline, write_timeline_csv
+from dist_bench.energy.outputs import StageSeries, plot_timeline, write_timeline_csv
 from dist_bench.preflight import Check, tracking_uri
 from dist_bench.redact import has_credentials, redact
 
@@ -95,11 +95,11 @@ class StageContext:
 
     def commit_energy(self) -> None:
         """Call right after committing work to disk: a later resume then counts the energy spent on it."""
-        _write_json_atomic(self.stage_dir / ENERGY_PROGRESS, self.energy_so_far().to_dict())
+        rollup.write_json_atomic(self.stage_dir / ENERGY_PROGRESS, self.energy_so_far().to_dict())
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         MlflowClient().log_batch(
-            self.run_id, metrics=[_metric(k, v, step) for k, v in metrics.items()], synchronous=True
+            self.run_id, metrics=[rollup.metric(k, v, step) for k, v in metrics.items()], synchronous=True
         )
 
 
@@ -243,7 +243,7 @@ def pipeline_run(
                 mlflow.log_dict([asdict(check) for check in checks], "preflight.json")
             _set_idle_power(parent)
             yield parent
-            _log_rollup(parent)
+            rollup.log_totals(parent)
         except BaseException as err:
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
             mlflow.set_tag("dist_bench.error", redact(f"{type(err).__name__}: {err}")[:5000])
@@ -308,7 +308,7 @@ def execute_stage(
                 stage_dir.mkdir(parents=True)
             result = _run(parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured)
     parent.stages.append(result)
-    _log_stage_rollup(parent, result)
+    rollup.log_stage(parent, result)
     return result
 
 
@@ -377,9 +377,9 @@ def _run(
         for name, path in {**done.outputs, **done.artifacts}.items():
             _log_artifact(path, name)
         _log_timeline(parent, stage, window, stage_dir)
-        _append_results_row(parent, stage, run_id, metrics, energy, tags)
-        _write_json_atomic(stage_dir / f"{stage}.json", summary)
-        _write_json_atomic(stage_dir / DONE, {"run_id": run_id, "fingerprints": done.fingerprints})
+        rollup.append_results_row(parent, stage, run_id, metrics, energy, tags)
+        rollup.write_json_atomic(stage_dir / f"{stage}.json", summary)
+        rollup.write_json_atomic(stage_dir / DONE, {"run_id": run_id, "fingerprints": done.fingerprints})
     except BaseException as err:
         # Ctrl-C / SIGTERM -> KILLED, anything else -> FAILED; never FINISHED. Work committed so far stays in
         # stage_dir for the next attempt to resume from.
@@ -445,102 +445,6 @@ def _interrupted_attempts(key: str) -> list[str]:
         if "dist_bench.resumed_by" not in run.data.tags:
             earlier.append(run.info.run_id)
     return earlier
-
-
-def _log_stage_rollup(parent: ParentRun, result: StageResult) -> None:
-    client = MlflowClient()
-    rollup = {}
-    for name, value in result.metrics.items():
-        rollup[name if name.startswith("eval/") else f"{result.stage}/{name}"] = value
-    client.log_batch(parent.run_id, metrics=[_metric(k, v) for k, v in rollup.items()], synchronous=True)
-    client.set_tag(parent.run_id, f"dist_bench.stage_run.{result.stage}", result.run_id)
-    for component in ("gpu", "cpu", "ram"):
-        source = result.summary.get("energy_sources", {}).get(component)
-        if source:
-            client.set_tag(parent.run_id, f"{result.stage}/energy.{component}.source", source)
-    flags = result.summary.get("energy", {}).get("flags")
-    if flags:
-        client.set_tag(parent.run_id, f"{result.stage}/energy.flags", ",".join(flags))
-
-
-TOTALS = ("duration_s", "tokens", "gpu_energy_j", "cpu_energy_j", "ram_energy_j", "total_energy_j", "co2e_kg",
-          "net_energy_j", "gpu_energy_uncertainty_j")  # fmt: skip
-
-
-def _log_rollup(parent: ParentRun) -> None:
-    """total/<metric> over the stages; a component absent in any stage is absent from the total."""
-    totals: dict[str, float] = {}
-    for name in TOTALS:
-        values = [s.metrics.get(name) for s in parent.stages]
-        if values and all(v is not None for v in values):
-            totals[name] = float(sum(values))  # type: ignore[arg-type]
-    if "total_energy_j" in totals:
-        totals["total_energy_kwh"] = totals["total_energy_j"] / 3.6e6
-        if totals.get("tokens"):
-            totals["j_per_token"] = totals["total_energy_j"] / totals["tokens"]
-    if totals.get("duration_s") and totals.get("tokens"):
-        totals["tokens_per_s"] = totals["tokens"] / totals["duration_s"]
-    if "net_energy_j" in totals:
-        totals["net_energy_kwh"] = totals["net_energy_j"] / 3.6e6
-    MlflowClient().log_batch(parent.run_id, metrics=[_metric(f"total/{k}", v) for k, v in totals.items()])
-    _log_headline(parent, totals)
-    plot = plot_timeline(parent.timeline, Path(tempfile.mkdtemp()) / "power_timeline.png")
-    if plot:
-        mlflow.log_artifact(str(plot), "energy")
-    else:
-        mlflow.log_text(_no_timeline(parent.stages), "energy/power_timeline.txt")
-    summary = {
-        "pipeline": parent.pipeline,
-        "run_id": parent.run_id,
-        "config_hash": parent_tag(parent, "dist_bench.config_hash"),
-        "total_energy_kwh": totals.get("total_energy_kwh"),
-        "total_energy_joules": totals.get("total_energy_j"),
-        "total_duration_seconds": totals.get("duration_s"),
-        "total_tokens": totals.get("tokens"),
-        "co2e_kg": totals.get("co2e_kg"),
-        "stages": {s.stage: {**s.summary, "reused": s.reused, "run_id": s.run_id} for s in parent.stages},
-    }
-    # The parent's own tags and metrics as logged: `dist-bench report --run-dir` builds the same table row
-    # from this file without a tracking server.
-    logged = MlflowClient().get_run(parent.run_id)
-    summary["run"] = {
-        "name": logged.info.run_name,
-        "start_time": logged.info.start_time,  # ms since the epoch: the table's row order
-        "tags": {k: v for k, v in logged.data.tags.items() if k.startswith("dist_bench.") or "/energy." in k},
-        "metrics": dict(logged.data.metrics),
-    }
-    mlflow.log_dict(summary, "experiment_summary.json")
-    out = Path(parent.cfg.output.run_dir).resolve() / "pipelines" / parent.run_id
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / "experiment_summary.json", summary)
-
-
-def _log_headline(parent: ParentRun, totals: dict[str, float]) -> None:
-    """The few metrics, the tag and the description a user of the MLflow UI looks for first (headline.py)."""
-    from dist_bench.report import EVAL_TASKS, quality_columns  # the report imports this module
-
-    client = MlflowClient()
-    stage_metrics = {s.stage: s.metrics for s in parent.stages}
-    figures = headline.metrics(totals, stage_metrics)
-    client.log_batch(parent.run_id, metrics=[_metric(k, v) for k, v in figures.items()], synchronous=True)
-    logged = client.get_run(parent.run_id)
-    tasks = logged.data.tags.get(EVAL_TASKS)
-    quality = quality_columns(dict(logged.data.metrics), tasks.split(",") if tasks else None)
-    sources = [(s.stage, s.reused, s.summary.get("energy_sources", {})) for s in parent.stages]
-    client.set_tag(parent.run_id, headline.COVERS, headline.covers(sources))
-    note = headline.description(parent.pipeline, parent.name, logged.data.tags, figures, quality)
-    client.set_tag(parent.run_id, headline.NOTE, note)
-    headline.update_view(client, parent.experiment_id, list(quality))
-
-
-def _no_timeline(stages: list[StageResult]) -> str:
-    """In place of a power timeline that could not be drawn: why (each stage's GPU energy note)."""
-    lines = ["No power timeline: it plots the GPU power samples, and none were taken."]
-    for s in stages:
-        notes = s.summary.get("energy_notes", {})
-        why = notes.get("gpu") or notes.get("gpu_sampler") or "no GPU samples"
-        lines.append(f"- {s.stage}{' (reused)' if s.reused else ''}: {why}")
-    return "\n".join(lines) + "\n"
 
 
 def _stage_summary(
@@ -627,63 +531,6 @@ def _log_timeline(parent: ParentRun, stage: str, window: EnergyWindow, stage_dir
         mlflow.log_artifact(str(plot), "energy")
 
 
-def _append_results_row(
-    parent: ParentRun,
-    stage: str,
-    run_id: str,
-    metrics: dict[str, float],
-    energy: EnergyReading,
-    tags: dict[str, str],
-) -> None:
-    """Seed 004's results CSV: one row per stage, for analysis with pandas outside MLflow."""
-    cfg = parent.cfg
-    if not cfg.energy.results_csv:
-        return
-    path = Path(cfg.output.run_dir) / cfg.energy.results_csv
-    model = next(
-        (
-            v
-            for k, v in tags.items()
-            if k in ("dist_bench.teacher", "dist_bench.student", "dist_bench.eval_model")
-        ),
-        "",
-    )
-    total = metrics.get("total_energy_j")
-    post_warmup = metrics.get("post_warmup_energy_j", total)
-    append_results_row(
-        path,
-        {
-            "tokens_processed": int(metrics.get("tokens", 0)),
-            "wall_s": energy.duration_s,
-            "warmup_s": metrics.get("warmup_s", 0.0),
-            "energy_J": post_warmup,
-            "avg_power_W": energy.avg_power_w,
-            "peak_power_W": energy.peak_power_w,
-            "tok_per_s": metrics.get("tokens_per_s"),
-            "J_per_token": metrics.get("j_per_token"),
-            "E10k_J": metrics.get("energy_per_10k_tokens_j"),
-            "vram_peak_MB": energy.vram_peak_mb,
-            "vram_avg_MB": energy.vram_avg_mb,
-            "run_id": run_id,
-            "parent_run_id": parent.run_id,
-            "pipeline": parent.pipeline,
-            "stage": stage,
-            "model": model,
-            "dataset": cfg.data.train,
-            "backend": "transformers",
-            "optimizer": "adamw",
-            "batch_size": cfg.train.batch_size,
-            "grad_accum": cfg.train.grad_accum,
-            "seq_len": cfg.data.max_length,
-            "precision": cfg.train.precision,
-            "seed": cfg.seed,
-            "gpu_source": energy.gpu_source,
-            "cpu_source": energy.cpu_source,
-            "notes": "; ".join(f"{k}: {v}" for k, v in energy.notes.items()),
-        },
-    )
-
-
 def _read_prior_energy(stage_dir: Path) -> EnergyReading | None:
     file = stage_dir / ENERGY_PROGRESS
     return EnergyReading.from_dict(json.loads(file.read_text())) if file.exists() else None
@@ -703,10 +550,6 @@ def _log_artifact(path: Path, name: str) -> None:
         mlflow.log_artifact(str(path), name if "/" in name else None)
 
 
-def _metric(key: str, value: float, step: int = 0) -> Metric:
-    return Metric(key, float(value), int(time.time() * 1000), step)
-
-
 def _all_experiment_ids() -> list[str]:
     return [e.experiment_id for e in MlflowClient().search_experiments()]
 
@@ -719,12 +562,6 @@ def _locked(lock_file: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-    os.replace(handle.name, path)
 
 
 def _now() -> str:

@@ -99,10 +99,14 @@ def test_sigkill_mid_pipeline_then_rerun(workdir: Path) -> None:
     new = {again.run_id, *(s.run_id for s in again.stages if not s.reused)}
     first = [r for r in runs if r.info.run_id not in new]
     status = {r.info.run_name: r.info.status for r in first}
-    assert status == {"tiny-kd": "KILLED", "logit_caching": "FINISHED", "student_train": "KILLED"}
+    assert status == {
+        "tiny-kd": "KILLED",
+        "tiny-kd/logit_caching": "FINISHED",
+        "tiny-kd/student_train": "KILLED",
+    }
     assert MlflowClient().get_run(again.run_id).info.status == "FINISHED"
     assert [s.reused for s in again.stages] == [True, False, False]  # the cache was kept, training resumed
-    killed_training = next(r for r in first if r.info.run_name == "student_train")
+    killed_training = next(r for r in first if r.info.run_name == "tiny-kd/student_train")
     assert again.stages[1].summary["resumed"] is True
     assert (
         MlflowClient().get_run(again.stages[1].run_id).data.tags["dist_bench.resumed_from"]

@@ -93,6 +93,42 @@ def test_mlflow_run_eval_of_several_models_makes_a_parent_each(tmp_path: Path) -
     assert teacher.data.metrics["eval/tiny_arith/exact_match"] == 1.0
     assert not any(k.startswith("eval/tiny_mc") for k in teacher.data.metrics)  # -P tasks=tiny_arith
     assert teacher.data.params["eval.limit"] == "8"  # -P max_samples=8
+    parents = [r for r in runs if r.data.tags.get("dist_bench.role") == "pipeline"]
+    assert len({r.data.tags["dist_bench.config_hash"] for r in parents}) == 2  # the model is in the hash
+    assert {r.data.params["model"] for r in parents} == {"tinyworld:teacher", "tinyworld:student-init"}
+    assert not any(k.startswith(("kd.", "train.", "logits.")) for r in parents for k in r.data.params)
+
+
+def test_mlflow_run_without_an_experiment_name_puts_the_pipeline_in_the_configured_experiment(
+    tmp_path: Path,
+) -> None:
+    """`mlflow run` creates its run in Default before our code starts: that run becomes a launcher with a
+    note, and the pipeline's runs go to tracking.experiment_name with everything else of the config."""
+    overrides = " ".join(
+        [
+            "energy.codecarbon=false",
+            "tracking.experiment_name=configured",
+            f"output.run_dir={tmp_path / 'runs'}",
+        ]
+    )
+    env = mlflow_run_env(tmp_path)
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "eval", "--env-manager", "local",
+         "-P", "model=tinyworld:teacher", "-P", "tasks=tiny_arith", "-P", "max_samples=4",
+         "-P", f"overrides={overrides}"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [launcher] = client.search_runs(["0"])
+    assert launcher.data.tags["dist_bench.role"] == "launcher" and launcher.info.status == "FINISHED"
+    assert "'configured'" in launcher.data.tags["mlflow.note.content"]
+    runs = client.search_runs([client.get_experiment_by_name("configured").experiment_id])
+    assert sorted((r.data.tags["dist_bench.role"], r.info.run_name) for r in runs) == [
+        ("pipeline", "eval:tinyworld:teacher"),
+        ("stage", "eval:tinyworld:teacher/eval"),
+    ]
+    assert "in the MLflow UI" in done.stdout and "viewStateShareKey=dist-bench" in done.stdout
 
 
 def test_mlflow_run_with_a_bad_override_fails_with_exit_2_and_no_finished_run(tmp_path: Path) -> None:

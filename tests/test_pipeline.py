@@ -138,7 +138,9 @@ def test_a_training_checkpoint_directory_evaluates_like_a_final_model(world: dic
     # state side by side (what a user points `dist-bench eval --model` at mid-training)
     # (the first kd run's: the warmer run trained another student in a stage dir of its own)
     final = Path(world["first"].stages[1].outputs["final_model"])
-    checkpoint = sorted((final.parent / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[-1]
+    checkpoint = sorted((final.parent / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[
+        -1
+    ]
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "optimizer.pt").is_file()
     metrics = pipeline.evaluate(small_config(world["root"]), str(checkpoint)).stages[0].metrics
     assert 0.0 <= metrics["eval/tiny_arith/exact_match"] <= 1.0 and 0.0 <= metrics["eval/tiny_mc/acc"] <= 1.0
@@ -214,6 +216,11 @@ def test_report_csv_html_and_latex_read_back_to_the_runs(world: dict) -> None:
     row = csv[csv["run_id"] == world["first"].run_id].iloc[0]
     assert row["total_kwh"] == pytest.approx(first["total/total_energy_kwh"])
     assert row["tiny_arith/exact_match"] == pytest.approx(first["eval/tiny_arith/exact_match"])
+    # per task: each task's share of the eval stage's energy, summing to the stage's
+    per_task = [row[f"eval_kwh:{task}"] for task in ("tiny_arith", "tiny_mc")]
+    assert per_task == pytest.approx([first[f"eval/{t}/energy_j"] / 3.6e6 for t in ("tiny_arith", "tiny_mc")])
+    assert sum(per_task) == pytest.approx(first["eval/total_energy_j"] / 3.6e6)
+    assert row["token_budget"] == 12000 and csv[csv["pipeline"] == "eval"]["token_budget"].isna().all()
     # HTML: one page, the table and the plot inline (no file beside it needed)
     page = (folder / "table.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and 'src="data:image/png;base64,' in page
@@ -273,3 +280,16 @@ def test_report_from_the_run_dir_without_a_tracking_server(world: dict, tmp_path
         left = offline.set_index("run_id").loc[shared["run_id"], column].tolist()
         assert left == pytest.approx(shared[column].tolist(), nan_ok=True), column
     assert (tmp_path / "offline" / "table.tex").is_file() and "| tiny-kd |" in markdown
+
+
+def test_report_says_when_training_rows_differ_in_token_budget(world: dict) -> None:
+    rows = [
+        report._row_facts(client().get_run(world[name].run_id)) for name in ("first", "warmer", "teacher")
+    ]
+    assert report.to_markdown(report.build_table(rows)).count("token_budget differs") == 0
+    rows[1]["token_budget"] = 6000  # as a run with train.token_budget=6000 would give
+    note = [line for line in report.to_markdown(report.build_table(rows)).splitlines() if "differs" in line]
+    assert note == [
+        "token_budget differs between training rows (6,000, 12,000): compare methods at equal budget "
+        "(--filter on params.`train.token_budget`)."
+    ]

@@ -45,8 +45,8 @@ def test_required_prerun_with_an_impossible_gpu_stops_the_pipeline_before_logit_
     assert "A100" in lines[0]
     client = MlflowClient()
     status = {r.info.run_name: r.info.status for r in all_runs(client)}
-    assert status["tiny-kd"] == "FAILED" and status["prerun"] == "FINISHED"
-    assert "logit_caching" not in status and not (workdir / "runs" / "logit_caching").exists()
+    assert status["tiny-kd"] == "FAILED" and status["tiny-kd/prerun"] == "FINISHED"
+    assert "tiny-kd/logit_caching" not in status and not (workdir / "runs" / "logit_caching").exists()
 
 
 def test_optional_prerun_runs_first_and_reports(workdir: Path) -> None:

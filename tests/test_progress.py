@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+from conftest import PROJECT, SMALL, small_config
 from dist_bench import pipeline
+from dist_bench.config import load_config
 from dist_bench.progress import Progress
 
 
@@ -49,3 +50,19 @@ def test_a_pipeline_reports_each_stage_in_its_unit(
         r"eval: 2/2 tasks \(100%\)",
     ):
         assert re.search(pattern, err), (pattern, err[-2000:])
+
+
+def test_the_dpo_pipeline_reports_prompts_and_training_tokens(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DIST_BENCH_PROGRESS_EVERY_S", "0")
+    experiment = PROJECT / "configs" / "experiments" / "tiny_dpo.yaml"
+    cfg = load_config(experiment, [*SMALL, f"output.run_dir={workdir / 'runs'}", "dpo.heldout_pairs=8"])
+    parent = pipeline.dpo(cfg)
+    err = capsys.readouterr().err
+    budget = parent.stages[-2].metrics["policy_tokens"]
+    for shards in ("shards", "student-shards"):  # the teacher's answers and the student's: a line each
+        assert re.search(rf"teacher_generation \({shards}\): [\d,]+/[\d,]+ prompts \(100%\)", err), err[
+            -3000:
+        ]
+    assert f"dpo_training: {budget:,.0f}/{budget:,.0f} tokens (100%)" in err, err[-2000:]

@@ -19,6 +19,7 @@ stage's `tokens` is both. The final policy is `final_policy/`, loadable with fro
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dist_bench.dataset import data_fingerprint
 from dist_bench.errors import DataError
 from dist_bench.generation.pairs import read_pairs
 from dist_bench.student.trainer import (
+    BudgetProgress,
     PlannedOrder,
     last_complete_checkpoint,
     plan_by_length,
@@ -180,6 +182,8 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
     lengths = [_pair_tokens(row) for row in trainer.train_dataset]
     trainer.plan = plan_by_length(lengths, cfg)
     trainer.args.max_steps = len(trainer.plan)
+    per_step = (sum(lengths[i] for micro in step for i in micro) for step in trainer.plan)
+    trainer.add_callback(BudgetProgress(STAGE, list(itertools.accumulate(per_step))))
     trainer.train(
         resume_from_checkpoint=str(last) if (last := last_complete_checkpoint(checkpoints)) else None
     )

@@ -326,6 +326,28 @@ METRIC_NAMES = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": 
                 "entropy": "train/entropy", "mean_token_accuracy": "train/token_accuracy"}  # fmt: skip
 
 
+class BudgetProgress(TrainerCallback):
+    """Training tokens against the budget, for a person watching (progress.py): a bar with an ETA on a
+    terminal, periodic lines in logs. `tokens_after[i]`: the training tokens through step i + 1."""
+
+    def __init__(self, stage: str, tokens_after: list[int]) -> None:
+        self.stage, self.tokens_after = stage, tokens_after
+        self.progress: Progress | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        total = self.tokens_after[-1] if self.tokens_after else 0
+        done = self.tokens_after[state.global_step - 1] if state.global_step else 0  # resumed
+        self.progress = Progress(self.stage, total, "tokens", done=done)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None and 0 < state.global_step <= len(self.tokens_after):
+            self.progress.set(self.tokens_after[state.global_step - 1])
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
 class StageMetricsCallback(TrainerCallback):
     """`train/*` step metrics into the stage's own MLflow run; the energy so far committed with every
     checkpoint (a resumed stage then counts the energy spent on the work it keeps)."""
@@ -339,28 +361,6 @@ class StageMetricsCallback(TrainerCallback):
     ):
         self.ctx, self.plan, self.examples, self.padding_free = ctx, plan, examples, padding_free
         self.last: dict[str, float] = {}
-        # tokens through each step, for the progress line (tokens against the budget)
-        self.tokens_after = list(
-            itertools.accumulate(
-                sum(len(examples[i].input_ids) for micro in step for i in micro) for step in plan
-            )
-        )
-        self.progress: Progress | None = None
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        total = self.tokens_after[-1] if self.tokens_after else 0
-        done = (
-            self.tokens_after[state.global_step - 1] if state.global_step else 0
-        )  # resumed from a checkpoint
-        self.progress = Progress("student_train", total, "tokens", done=done)
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.progress is not None and 0 < state.global_step <= len(self.tokens_after):
-            self.progress.set(self.tokens_after[state.global_step - 1])
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if self.progress is not None:
-            self.progress.close()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -455,12 +455,18 @@ def build_trainer(
         "train_dataset": to_dataset(examples),
         "processing_class": tokenizer,
         "data_collator": StudentCollator(tokenizer.pad_token_id, cfg.train.packing, cache),
-        "callbacks": [callback],
+        "callbacks": [callback, BudgetProgress("student_train", _tokens_after(plan, examples))],
         "plan": plan,
     }
     trainer = StudentTrainer(**common) if cache is None else KDTrainer(**common, kd=cfg.kd)
     trainer.remove_callback(PrinterCallback)  # a dict per log step on stdout; the stage run has the metrics
     return trainer, callback
+
+
+def _tokens_after(plan: list[list[list[int]]], examples: list[Example]) -> list[int]:
+    """The training tokens through each step of the plan."""
+    per_step = (sum(len(examples[i].input_ids) for micro in step for i in micro) for step in plan)
+    return list(itertools.accumulate(per_step))
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
