@@ -3,6 +3,7 @@ that a whole pipeline runs in seconds on CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+from mlflow.tracking import MlflowClient
 
 from dist_bench.config import RunConfig, load_config
 from dist_bench.energy import gpu as gpu_module
@@ -96,6 +98,19 @@ def server(tmp_path: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def store_outside_the_checkout(tmp_path: Path, *experiments: str) -> str:
+    """A fresh sqlite store for a subprocess that runs in the checkout (`mlflow run .`): its Default and
+    these experiments are created from tmp_path, so their artifacts land in tmp_path/mlruns and not in
+    the checkout's ./mlruns (MLflow's default artifact root is ./mlruns of whoever creates the experiment),
+    where they would outlive the store as folders of no run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with contextlib.chdir(tmp_path):
+        client = MlflowClient(uri)
+        for name in experiments:
+            client.create_experiment(name)
+    return uri
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT, SMALL, small_config
+from conftest import PROJECT, SMALL, small_config, store_outside_the_checkout
 from dist_bench import pipeline
 
 BIN = Path(sys.executable).parent
@@ -34,11 +34,12 @@ def test_pipeline_against_a_real_mlflow_server(
     assert [s.reused for s in again.stages] == [True, True, True]
 
 
-def mlflow_run_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of an `mlflow run` subprocess: a store of its own, this venv's executables first."""
+def mlflow_run_env(tmp_path: Path, *experiments: str) -> dict[str, str]:
+    """The environment of an `mlflow run` subprocess: a store of its own (its experiments' artifacts in
+    tmp_path), this venv's executables first."""
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": store_outside_the_checkout(tmp_path, *experiments),
         "PATH": f"{BIN}:{os.environ['PATH']}",
     }
     env.pop("MLFLOW_RUN_ID", None)
@@ -47,7 +48,7 @@ def mlflow_run_env(tmp_path: Path) -> dict[str, str]:
 
 def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
     overrides = " ".join([*SMALL, f"output.run_dir={tmp_path / 'runs'}"])
-    env = mlflow_run_env(tmp_path)
+    env = mlflow_run_env(tmp_path, "mlproject-test")
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "kd", "--env-manager", "local", "--experiment-name", "mlproject-test",
          "-P", f"overrides={overrides}", "-P", "register=mlproject-student", "-P", "alias=candidate"],
@@ -73,7 +74,7 @@ def test_mlflow_run_eval_of_several_models_makes_a_parent_each(tmp_path: Path) -
     """What `make demo` runs for its reference rows: one process, one parent run per model, the run that
     `mlflow run` opened kept out of the table (role sweep)."""
     overrides = " ".join(["energy.codecarbon=false", f"output.run_dir={tmp_path / 'runs'}"])
-    env = mlflow_run_env(tmp_path)
+    env = mlflow_run_env(tmp_path, "refs")
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "eval", "--env-manager", "local", "--experiment-name", "refs",
          "-P", "model=tinyworld:teacher,tinyworld:student-init", "-P", "tasks=tiny_arith", "-P", "max_samples=8",
@@ -111,7 +112,7 @@ def test_mlflow_run_without_an_experiment_name_puts_the_pipeline_in_the_configur
             f"output.run_dir={tmp_path / 'runs'}",
         ]
     )
-    env = mlflow_run_env(tmp_path)
+    env = mlflow_run_env(tmp_path, "configured")
     done = subprocess.run(
         [str(BIN / "mlflow"), "run", ".", "-e", "eval", "--env-manager", "local",
          "-P", "model=tinyworld:teacher", "-P", "tasks=tiny_arith", "-P", "max_samples=4",

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT, free_port, small_config
+from conftest import PROJECT, free_port, small_config, store_outside_the_checkout
 from dist_bench import preflight, tinyworld
 from dist_bench.teacher.logit_cache import TopKCache
 
@@ -452,7 +452,7 @@ def test_hub_id_while_the_hub_is_unreachable(tmp_path: Path) -> None:
 
 
 def test_under_mlflow_run_the_one_line_comes_last_before_mlflows_framing(tmp_path: Path) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_outside_the_checkout(tmp_path)}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     env.pop("MLFLOW_RUN_ID", None)
     done = subprocess.run(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT, SMALL, small_config
+from conftest import PROJECT, SMALL, small_config, store_outside_the_checkout
 from dist_bench import pipeline
 from dist_bench.energy import gpu as gpu_module
 from dist_bench.energy.nvml_sim import SimulatedGpu, SimulatedNvml, constant
@@ -78,7 +78,7 @@ def test_mlflow_run_prerun_quick_on_a_cpu_machine(tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": store_outside_the_checkout(tmp_path, "prerun-test"),
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
     env.pop("MLFLOW_RUN_ID", None)
