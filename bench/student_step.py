@@ -45,7 +45,7 @@ from dist_bench import tinyworld
 from dist_bench.config import load_config
 from dist_bench.dataset import Example
 from dist_bench.student.trainer import build_trainer, plan_steps
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import TopKCache
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
 QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

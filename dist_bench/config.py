@@ -152,10 +152,34 @@ class DataConfig(Strict):
 
 
 class LogitCacheConfig(Strict):
-    top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per supervised position")
-    batch_size: int = Field(32, ge=1)
+    """The teacher's logit cache (teacher/cache_format.py): per supervised position, its most likely tokens
+    until they hold `cover` of the probability, at most `top_k`."""
+
+    top_k: int = Field(
+        16, ge=1, le=1024, description="at most this many teacher tokens kept per supervised position"
+    )
+    cover: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="keep tokens, most likely first, until their probability sums to this (adaptive top-p); "
+        "1.0 keeps exactly top_k",
+    )
+    logprob_step: float = Field(
+        1 / 16,
+        gt=0,
+        le=1,
+        description="nats per 8-bit log-prob code: every cached log-prob is within one step of the "
+        "teacher's; tokens more than 255 steps below the top-1 go to the tail",
+    )
+    fidelity_every: int = Field(
+        64,
+        ge=1,
+        description="every n-th supervised position of a batch also measures KL(teacher || what the cache "
+        "keeps of it) (metric fidelity_kl)",
+    )
+    batch_size: int = Field(32, ge=1, description="teacher sequences per forward pass")
     shard_size: int = Field(256, ge=1, description="sequences per shard; resume granularity")
-    logprob_dtype: Literal["float32", "float16"] = "float32"
 
 
 class OptimizerConfig(Strict):

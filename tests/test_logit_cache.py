@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors.torch import save_file
 
 from conftest import SMALL, small_config
 from dist_bench import models, pipeline
 from dist_bench.config import load_config
 from dist_bench.dataset import collate, load_examples
 from dist_bench.teacher import logit_cache
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import open_cache
 
 
 def cache_dir(parent: pipeline.ParentRun) -> Path:
@@ -34,12 +37,13 @@ def logit_caching_runs() -> list:
     )
 
 
-def test_cached_topk_is_the_teachers_distribution(workdir: Path) -> None:
-    cfg = small_config(workdir, "logits.top_k=5")
+def test_the_cache_keeps_the_teachers_distribution_within_its_bound(workdir: Path) -> None:
+    cfg = small_config(workdir, "logits.top_k=5", "logits.cover=0.9")
     parent = pipeline.cache_logits(cfg)
-    cache = TopKCache.open(cache_dir(parent))
-    assert cache.manifest["top_k"] == 5 and cache.manifest["vocab_size"] == 258
-    assert cache.token_ids.shape == (cache.manifest["positions"], 5)
+    cache = open_cache(cache_dir(parent))
+    manifest = cache.manifest
+    assert manifest["format"] == "dist-bench-topp/2" and manifest["vocab_size"] == 258
+    assert manifest["id_bits"] == 9 and 1 <= manifest["mean_kept_tokens"] < 5
 
     tokenizer = models.load_tokenizer(cfg.teacher.model)
     teacher = models.load_model(cfg.teacher.model, torch.device("cpu"), "float32").eval()
@@ -47,12 +51,48 @@ def test_cached_topk_is_the_teachers_distribution(workdir: Path) -> None:
     batch = collate([examples[i] for i in (3, 17)], [3, 17], tokenizer.pad_token_id)
     with torch.no_grad():
         full = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    expected = torch.log_softmax(full[batch.predict_mask].float(), -1).topk(5)
-    rows = cache.rows([3, 17])
-    torch.testing.assert_close(cache.logprobs[rows], expected.values, atol=1e-5, rtol=1e-5)
-    assert torch.equal(cache.token_ids[rows].long(), expected.indices)
-    # The teacher is good: its top-1 is the data's next token almost everywhere.
-    assert (cache.token_ids[rows, 0] == batch.targets).float().mean() > 0.9
+    logp = torch.log_softmax(full[batch.predict_mask].float(), -1)
+    ids, cached = cache.batch([3, 17])
+    kept = cached > -math.inf
+    # every position: the most likely tokens first, until 0.9 of the mass (or 5 tokens)
+    expected = logp.topk(5)
+    mass_before = expected.values.exp().cumsum(-1)[:, :-1]
+    assert kept.sum(-1).tolist() == (1 + (mass_before < 0.9).sum(-1)).clamp_max(5).tolist()
+    assert torch.equal(torch.where(kept, ids, 0), torch.where(kept, expected.indices[:, : ids.shape[1]], 0))
+    # each kept log-prob within one step (1/16 nats) of the teacher's
+    error = (cached - logp.gather(1, ids)).abs()[kept]
+    assert error.max() <= cfg.logits.logprob_step + 1e-3
+    # the teacher is good: its top-1 is the data's next token almost everywhere
+    assert (ids[:, 0] == batch.targets).float().mean() > 0.9
+
+    # the stage's own figures: bytes per position from the files, fidelity measured while caching
+    metrics = MlflowClient().get_run(parent.stages[0].run_id).data.metrics
+    files = sum(p.stat().st_size for p in (cache_dir(parent) / "shards").glob("*.safetensors"))
+    assert metrics["cache_bytes_per_position"] == pytest.approx(files / manifest["positions"])
+    assert metrics["mean_kept_tokens"] == pytest.approx(manifest["kept_tokens"] / manifest["positions"])
+    # the tiny teacher is nearly certain (entropy ~1e-7 nats): its tail is rounding noise, and so is the KL
+    assert metrics["fidelity_positions"] > 0 and metrics["teacher_entropy"] > 0
+    assert 0 <= metrics["fidelity_kl"] < 1e-4
+
+
+def test_a_version_1_cache_is_still_read_and_an_unknown_one_refused(workdir: Path) -> None:
+    folder = workdir / "v1"
+    (folder / "shards").mkdir(parents=True)
+    ids = torch.tensor([[3, 1], [2, 0], [7, 5]], dtype=torch.int32)
+    logprobs = torch.tensor([[-0.1, -2.5], [-0.3, -1.5], [-0.05, -3.0]])
+    tensors = {"token_ids": ids, "logprobs": logprobs, "offsets": torch.tensor([0, 1, 3]),
+               "sequence_index": torch.tensor([1, 0]), "input_tokens": torch.tensor([9])}  # fmt: skip
+    save_file(tensors, str(folder / "shards" / "shard-00000.safetensors"))
+    digest = hashlib.sha256((folder / "shards" / "shard-00000.safetensors").read_bytes()).hexdigest()
+    manifest = {"format": "dist-bench-topk/1", "sequences": 2, "shards": [{"file": "shard-00000.safetensors",
+                "sha256": digest}]}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    got_ids, got_logprobs = open_cache(folder).batch([0, 1])
+    assert got_ids.tolist() == [[2, 0], [7, 5], [3, 1]] and torch.equal(got_logprobs, logprobs[[1, 2, 0]])
+
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": "dist-bench-topk/0"}))
+    with pytest.raises(ValueError, match="format 'dist-bench-topk/0' is not one this version reads"):
+        open_cache(folder)
 
 
 def test_interrupted_caching_resumes_to_identical_bytes(
@@ -69,8 +109,8 @@ def test_interrupted_caching_resumes_to_identical_bytes(
     real_write = logit_cache._write_shard
     written: list[int] = []
 
-    def write_then_die(shard_dir: Path, shard: int, tensors: dict) -> None:
-        real_write(shard_dir, shard, tensors)
+    def write_then_die(shard_dir: Path, shard: int, tensors: dict, sums: dict) -> None:
+        real_write(shard_dir, shard, tensors, sums)
         written.append(shard)
         if len(written) == 2:
             raise KeyboardInterrupt  # what Ctrl-C or a scheduler's SIGINT does mid-stage

@@ -14,7 +14,7 @@ from conftest import small_config
 from dist_bench import pipeline, tinyworld
 from dist_bench.preflight import PreflightError
 from dist_bench.student import stage, trainer
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import open_cache
 from dist_bench.tinyworld.tokenizer import build_tokenizer
 
 
@@ -112,7 +112,7 @@ def test_a_student_with_another_vocabulary_stops_kd_before_training(workdir: Pat
     cache = pipeline.cache_logits(small_config(workdir)).stages[0].outputs["logit_cache"]
     with pytest.raises(stage.VocabMismatch, match=r"student tokenizer .* differs from the teacher's"):
         stage.check_compatible(
-            TopKCache.open(cache).manifest, tokenizer, small_config(workdir, f"student.model={other}")
+            open_cache(cache).manifest, tokenizer, small_config(workdir, f"student.model={other}")
         )
     # SFT trains across tokenizers: the same student is fine there.
     sft = pipeline.sft(small_config(workdir, "pipeline=sft", f"student.model={other}", "train.max_steps=2"))

@@ -19,7 +19,7 @@ from conftest import small_config
 from dist_bench import models, pipeline
 from dist_bench.dataset import load_examples
 from dist_bench.student.trainer import build_trainer, plan_counts, plan_steps
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import open_cache
 
 OPTIONS = {
     "packing": ["train.packing=true"],
@@ -60,7 +60,7 @@ def two_steps(workdir: Path, overrides: list[str], cache_dir: Path | None) -> tu
     model = models.load_model(
         cfg.student.model, torch.device("cpu"), "float32", attn_implementation=cfg.train.attn_implementation
     )
-    cache = TopKCache.open(cache_dir) if cache_dir is not None else None
+    cache = open_cache(cache_dir) if cache_dir is not None else None
     out = workdir / ("_".join(overrides).replace("=", "-").replace(".", "-") or "plain")
     trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, out, None, cache)
     trainer.args.save_strategy = "no"

@@ -259,9 +259,9 @@ def cache_disk(cfg: RunConfig, teacher: ModelFacts, data: DataScan) -> Check:
     if planned > free:
         raise PreflightError(
             f"output.run_dir: {folder} has {_size(free)} free but the logit cache (logits.top_k={cfg.logits.top_k}, "
-            f"{data.records} records) needs about {_size(planned)}"
+            f"{data.records} records) needs up to {_size(planned)}"
         )
-    return Check("disk", f"logit cache ~{_size(planned)}; {_size(free)} free under {existing}")
+    return Check("disk", f"logit cache <= {_size(planned)}; {_size(free)} free under {existing}")
 
 
 def _size(n_bytes: float) -> str:
@@ -276,6 +276,7 @@ def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
     """The logit cache's size, from the supervised positions of the first records (see logit_cache.py)."""
     from dist_bench.dataset import encode
     from dist_bench.errors import DataError
+    from dist_bench.teacher import cache_format
 
     positions = []
     for record in data.sample:
@@ -284,7 +285,8 @@ def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
         except DataError:  # nothing to learn in this record: the stage says so; here it adds no positions
             positions.append(0)
     mean_positions = sum(positions) / max(len(positions), 1)
-    bytes_per_position = cfg.logits.top_k * (4 + (4 if cfg.logits.logprob_dtype == "float32" else 2))
+    # at most: a position keeps between one and top_k tokens (cache_format.py)
+    bytes_per_position = cache_format.bytes_per_position(cfg.logits.top_k, max(len(tokenizer), 2))
     return int(
         mean_positions * data.records * bytes_per_position + data.records * 16
     )  # + offsets, sequence index

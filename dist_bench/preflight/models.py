@@ -14,6 +14,7 @@ from dist_bench.config import ModelSpec, RunConfig
 from dist_bench.preflight.base import Check, PreflightError
 from dist_bench.preflight.store import HTTP_TIMEOUT_S, tracking_uri
 from dist_bench.redact import redact
+from dist_bench.teacher.cache_format import MAX_ID_BITS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
@@ -177,6 +178,11 @@ def top_k(cfg: RunConfig, teacher: ModelFacts) -> Check:
         raise PreflightError(
             f"logits.top_k: {cfg.logits.top_k} is more than the teacher's vocabulary "
             f"({vocab} tokens, {cfg.teacher.model})"
+        )
+    if vocab is not None and vocab > 1 << MAX_ID_BITS:
+        raise PreflightError(
+            f"teacher.model: {cfg.teacher.model} has {vocab} tokens; the logit cache packs ids in at most "
+            f"{MAX_ID_BITS} bits ({1 << MAX_ID_BITS} tokens)"
         )
     return Check("logits.top_k", f"{cfg.logits.top_k} of {vocab} teacher tokens")
 

@@ -22,7 +22,7 @@ from dist_bench import models
 from dist_bench.config import DataConfig, RunConfig, flatten
 from dist_bench.dataset import DataError, data_fingerprint, load_examples
 from dist_bench.student.trainer import build_trainer, last_complete_checkpoint, plan_counts, plan_steps
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import open_cache
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
 STAGE = "student_train"
@@ -65,7 +65,7 @@ def run(parent: ParentRun, cache: StageResult | None = None, data: DataConfig | 
 def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWork:
     device = models.pick_device(cfg.train.device)
     tokenizer = models.load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
-    cache = TopKCache.open(cache_dir) if cache_dir is not None else None
+    cache = open_cache(cache_dir) if cache_dir is not None else None
     if cache is not None:
         check_compatible(cache.manifest, tokenizer, cfg)
     examples = load_examples(cfg.data, tokenizer)

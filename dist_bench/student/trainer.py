@@ -46,7 +46,7 @@ from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import IGNORE, Example
 from dist_bench.progress import Progress
 from dist_bench.student.losses import DEFAULT_CHUNK, VOCAB_TILE, kd_loss
-from dist_bench.teacher.logit_cache import TopKCache
+from dist_bench.teacher.cache_format import TopKCache, TopPCache
 from dist_bench.tracking import StageContext
 
 # transformers 5.2x renames gradient_checkpointing; TRL's config still sets it (and 5.17 knows only that name)
@@ -141,7 +141,7 @@ class StudentCollator:
 
     pad_token_id: int
     padding_free: bool = False
-    cache: TopKCache | None = None
+    cache: TopKCache | TopPCache | None = None
 
     def __post_init__(self) -> None:
         self.collate = DataCollatorForLanguageModeling(
@@ -158,9 +158,8 @@ class StudentCollator:
             # the device whether the mask is all ones (`_ignore_causal_mask_sdpa`): a host sync per step.
             del batch["attention_mask"]
         if self.cache is not None:
-            cached = self.cache.rows([int(r["example_index"]) for r in rows])
-            batch["teacher_ids"] = self.cache.token_ids[cached].long()
-            batch["teacher_logprobs"] = self.cache.logprobs[cached]
+            ids, logprobs = self.cache.batch([int(r["example_index"]) for r in rows])
+            batch["teacher_ids"], batch["teacher_logprobs"] = ids, logprobs
         return batch
 
 
@@ -444,7 +443,7 @@ def build_trainer(
     plan: list[list[list[int]]],
     output_dir: Path,
     ctx: StageContext | None,
-    cache: TopKCache | None = None,
+    cache: TopKCache | TopPCache | None = None,
 ) -> tuple[StudentTrainer, StageMetricsCallback]:
     device = next(model.parameters()).device
     args = training_args(cfg, output_dir, len(plan), device)
