@@ -79,12 +79,16 @@ class Selected(NamedTuple):
     log_tail: torch.Tensor  # [c] float16: log(1 - kept probability mass)
 
 
-def select(logits: torch.Tensor, top_k: int, cover: float, step: float) -> Selected:
-    """The kept tokens of rows of full-vocabulary logits [c, V] (float32; log-probs work too), as the module
-    docstring says. No [c, V] buffer besides the logits' own: the top-k is taken on the logits and only its
-    values are normalised."""
+def select(
+    logits: torch.Tensor, top_k: int, cover: float, step: float, lse: torch.Tensor | None = None
+) -> Selected:
+    """The kept tokens of rows of full-vocabulary logits [c, V] (in the teacher's dtype; log-probs work too),
+    as the module docstring says; `lse`: their log-sum-exp [c] (float32), when the caller has it. No [c, V]
+    buffer besides the logits' own: the top-k is taken on the logits and only its values are normalised."""
     top = logits.topk(top_k, dim=-1)  # sorted, descending
-    values = top.values - torch.logsumexp(logits, -1, keepdim=True)
+    if lse is None:
+        lse = torch.logsumexp(logits.float(), -1)
+    values = top.values.float() - lse[:, None]
     codes = ((values[:, :1] - values) / step).round()
     if cover >= 1.0:
         counts = torch.full(values.shape[:1], top_k, dtype=torch.int64, device=logits.device)

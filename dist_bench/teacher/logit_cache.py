@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import threading
@@ -43,6 +44,7 @@ from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Example, chat_template, collate, data_fingerprint, load_examples
 from dist_bench.progress import Progress
+from dist_bench.student.kernels import fold_tile
 from dist_bench.teacher import cache_format
 from dist_bench.teacher.cache_format import FORMAT_V2, Selected
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
@@ -191,13 +193,13 @@ def _teacher_shard(
             # Where the supervised positions are, found on the host (a boolean index on the device would
             # wait for the device to learn the count).
             where = batch.predict_mask.flatten().nonzero().squeeze(1)
-            hidden = _last_hidden(teacher, batch.input_ids.to(device, non_blocking=True))
-            hidden = hidden.flatten(0, 1).index_select(0, where.to(device, non_blocking=True))
+            hidden = _last_hidden(teacher, _to_device(batch.input_ids, device))
+            hidden = hidden.flatten(0, 1).index_select(0, _to_device(where, device))
             for c0 in range(0, hidden.shape[0], HEAD_CHUNK):
                 rows = hidden[c0 : c0 + HEAD_CHUNK]
-                logits = head(rows).float()
+                logits = head(rows)  # the teacher's dtype, as its own forward would give them
                 chosen = cache_format.select(
-                    logits, cfg.logits.top_k, cfg.logits.cover, cfg.logits.logprob_step
+                    logits, cfg.logits.top_k, cfg.logits.cover, cfg.logits.logprob_step, _log_sum_exp(logits)
                 )
                 # The fidelity sample: every `every`-th supervised position of the batch.
                 sample = torch.arange((-c0) % every, rows.shape[0], every)
@@ -288,6 +290,28 @@ class _HostWriter:
                 self.parts.append(cache_format.encode_rows(host))
             except BaseException as error:  # re-raised in the teacher's thread
                 self.error = error
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without stopping the host: a copy from pageable memory waits for the
+    device to reach it, one from pinned memory does not."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp (float32) in one read of the logits, by the KD loss's fold kernel (Triton on
+    CUDA): torch.logsumexp would write two float32 copies of the [rows, V] logits first."""
+    rows = logits.shape[0]
+    running_max = torch.full((rows,), -math.inf, dtype=torch.float32, device=logits.device)
+    running_sum = torch.zeros((rows,), dtype=torch.float32, device=logits.device)
+    no_ids = torch.zeros(
+        (rows, 1), dtype=torch.long, device=logits.device
+    )  # the kernel also reads ids' logits
+    fold_tile(logits, 0, no_ids[:, 0], no_ids, running_max, running_sum, None, None,
+              torch.zeros_like(running_sum), torch.zeros((rows, 1), device=logits.device), 1.0)  # fmt: skip
+    return running_max + running_sum.log()
 
 
 def _last_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
