@@ -32,6 +32,10 @@ same P, Q (for renormalize: q~, not the full-vocabulary q_k).
 Duplicate ids in a row (only possible when K > the teacher's vocabulary, which the project forbids)
 are not merged: the formulas above are then applied with the duplicate entries counted twice (the
 analytic gradient is still that formula's exact gradient).
+Padding: a row may carry fewer real entries than K (the logit cache's format 2 keeps a variable number per
+position). A padded entry has teacher log-prob -inf and repeats one of the row's real ids; it is absent from
+every formula above: P = 0 there, the renormalised student excludes it, and its terms and g are 0 (masked,
+never computed as 0 * inf). Every row needs at least one real entry.
 Ids must lie in [0, V) and targets must be real token ids (no -100): neither is checked, to avoid host
 syncs.
 
@@ -174,8 +178,12 @@ class _TiledKD(torch.autograd.Function):
         lse1 = max1 + sum1.log()
         lse_t = max_t + sum_t.log() if two_temps else lse1
         # forward KL: the full-vocabulary log q at the ids; else the student renormalised over the K ids
-        logq = id_logits / t - lse_t[:, None] if forward_kl else torch.log_softmax(id_logits / t, -1)
         logp = _teacher_logp(teacher_logprobs.to(acc), t, "renormalize")
+        logq = (
+            id_logits / t - lse_t[:, None]
+            if forward_kl
+            else torch.log_softmax((id_logits / t).masked_fill(logp == -math.inf, -math.inf), -1)
+        )
         d_rows, g = _divergence_and_grad(logp, logq, divergence, jsd_beta)
         ce, div = (lse1 - target_logit).mean(), d_rows.mean()
         loss = ce_weight * ce + (1.0 - ce_weight) * t * t * div
@@ -317,8 +325,8 @@ def _chunked(
                 logq = torch.cat([zk, lse_rest], -1) - lse
             elif divergence == "forward_kl":
                 logq = zk - lse  # full-vocabulary log q at the ids: not normalised over the K
-            else:
-                logq = torch.log_softmax(zk, -1)
+            else:  # renormalised over the row's ids, padding excluded
+                logq = torch.log_softmax(zk.masked_fill(logp_teacher[rows] == -math.inf, -math.inf), -1)
             d_rows, g = _divergence_and_grad(logp_teacher[rows], logq, divergence, jsd_beta)
             div_sum += d_rows.sum()
             if not want_grad:
@@ -361,15 +369,20 @@ def _chunked(
 def _divergence_and_grad(
     logp: torch.Tensor, logq: torch.Tensor, divergence: str, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row D(P, Q) and g = dD/dlog Q with the entries of log Q treated as independent."""
+    """Per-row D(P, Q) and g = dD/dlog Q with the entries of log Q treated as independent. Entries where the
+    teacher's log P is -inf are padding (the module docstring): they add nothing to D and get g = 0, with no
+    0 * inf anywhere (so no NaN, in values or in autograd through them)."""
     divergence = _jsd_endpoint(divergence, beta)
+    valid = logp > -math.inf
+    logp, logq = logp.masked_fill(~valid, 0.0), logq.masked_fill(~valid, 0.0)
+    p = logp.exp().masked_fill(~valid, 0.0)
     if divergence == "forward_kl":
-        return (logp.exp() * (logp - logq)).sum(-1), -logp.exp()
-    q = logq.exp()
+        return (p * (logp - logq)).sum(-1), -p
+    q = logq.exp().masked_fill(~valid, 0.0)
     if divergence == "reverse_kl":
         return (q * (logq - logp)).sum(-1), q * (logq - logp + 1.0)
     logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-    d = beta * (logp.exp() * (logp - logm)).sum(-1) + (1.0 - beta) * (q * (logq - logm)).sum(-1)
+    d = beta * (p * (logp - logm)).sum(-1) + (1.0 - beta) * (q * (logq - logm)).sum(-1)
     # d/dQ of beta KL(P||M) + (1-beta) KL(Q||M) is (1-beta)(log Q - log M): the other terms cancel.
     return d, (1.0 - beta) * q * (logq - logm)
 
@@ -417,17 +430,20 @@ def kd_loss_dense(
         if divergence == "forward_kl":
             logq = student.gather(1, teacher_ids)  # as in dist_bench.student.kd.kd_loss
         else:
-            logq = torch.log_softmax((logits / temperature).gather(1, teacher_ids), dim=-1)
+            at_ids = (logits / temperature).gather(1, teacher_ids)
+            logq = torch.log_softmax(at_ids.masked_fill(logp == -math.inf, -math.inf), dim=-1)
     kind = _jsd_endpoint(divergence, jsd_beta)
+    # padding (teacher log-prob -inf) is absent: its entries are zeroed, never multiplied as 0 * inf
+    valid = logp > -math.inf
+    logp, logq = logp.masked_fill(~valid, 0.0), logq.masked_fill(~valid, 0.0)
+    p, q = logp.exp() * valid, logq.exp() * valid
     if kind == "forward_kl":
-        d = (logp.exp() * (logp - logq)).sum(-1)
+        d = (p * (logp - logq)).sum(-1)
     elif kind == "reverse_kl":
-        d = (logq.exp() * (logq - logp)).sum(-1)
+        d = (q * (logq - logp)).sum(-1)
     else:
-        logm = torch.log(jsd_beta * logp.exp() + (1 - jsd_beta) * logq.exp())
-        d = jsd_beta * (logp.exp() * (logp - logm)).sum(-1) + (1 - jsd_beta) * (
-            logq.exp() * (logq - logm)
-        ).sum(-1)
+        logm = torch.log((jsd_beta * p + (1 - jsd_beta) * q).masked_fill(~valid, 1.0))
+        d = jsd_beta * (p * (logp - logm)).sum(-1) + (1 - jsd_beta) * (q * (logq - logm)).sum(-1)
     div = d.mean()
     loss = ce_weight * ce + (1 - ce_weight) * temperature**2 * div
     return KDLossOutput(loss, ce.detach(), div.detach())

@@ -202,9 +202,9 @@ def _teacher_shard(
                     logits, cfg.logits.top_k, cfg.logits.cover, cfg.logits.logprob_step, _log_sum_exp(logits)
                 )
                 # The fidelity sample: every `every`-th supervised position of the batch.
-                sample = torch.arange((-c0) % every, rows.shape[0], every)
+                sample = range((-c0) % every, rows.shape[0], every)
                 if len(sample):
-                    picked = sample.to(device, non_blocking=True)
+                    picked = torch.arange(sample.start, sample.stop, every, device=device)
                     kl, entropy = cache_format.fidelity(
                         logits.index_select(0, picked),
                         Selected(*(t.index_select(0, picked) for t in chosen)),
