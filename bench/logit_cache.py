@@ -197,7 +197,7 @@ def format1_naive(model: torch.nn.Module, examples: list[Example], size: int, me
 
 def stage(model: torch.nn.Module, examples: list[Example], setting: dict, size: int, meter: Meter) -> dict:
     cfg = load_config(None, [f"logits.top_k={setting['top_k']}", f"logits.cover={setting['cover']}",
-                             f"logits.batch_size={size}", f"logits.shard_size={4 * size}"])  # fmt: skip
+                             f"logits.batch_size={size}", f"logits.shard_size={12 * size}"])  # fmt: skip
     out = Path(tempfile.mkdtemp(prefix="logit-cache-bench-"))
     try:
         meter.mark()

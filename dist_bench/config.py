@@ -159,18 +159,19 @@ class LogitCacheConfig(Strict):
         16, ge=1, le=1024, description="at most this many teacher tokens kept per supervised position"
     )
     cover: float = Field(
-        0.99,
+        1.0,
         gt=0,
         le=1,
         description="keep tokens, most likely first, until their probability sums to this (adaptive top-p); "
-        "1.0 keeps exactly top_k",
+        "1.0 keeps top_k. The cover is of the teacher's mass at T = 1, not of what KD learns from it: the "
+        "tiny world's KD fell from 0.99 to 0.64 exact match at 0.99 (docs/benchmarks.md)",
     )
     logprob_step: float = Field(
-        1 / 16,
+        1 / 8,
         gt=0,
         le=1,
         description="nats per 8-bit log-prob code: every cached log-prob is within one step of the "
-        "teacher's; tokens more than 255 steps below the top-1 go to the tail",
+        "teacher's; tokens more than 255 steps (32 nats at 1/8) below the top-1 go to the tail",
     )
     fidelity_every: int = Field(
         64,

@@ -120,3 +120,17 @@ def test_encoded_rows_keep_only_the_kept_entries_in_order() -> None:
     assert rows["ids"].tolist() == [5, 7, 9, 4]
     assert rows["codes"].tolist() == [3, 8]
     assert rows["counts"].tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("width", [300, 1280, 1337])
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_tiled_topk_finds_the_same_values_as_torch_topk(width: int, k: int) -> None:
+    generator = torch.Generator().manual_seed(width + k)
+    logits = torch.randn(64, width, generator=generator)
+    logits[:8] = logits[:8].round()  # many ties
+    logits[8:16, -5:] += 10  # the largest values past the last whole tile
+    got = cache_format.tiled_topk(logits, k, tile=16)
+    want = logits.topk(k, -1)
+    assert torch.equal(got.values, want.values)
+    assert torch.equal(logits.gather(1, got.indices), got.values)  # the ids hold those values
+    assert all(len(set(row)) == k for row in got.indices.tolist())  # k different tokens

@@ -340,9 +340,10 @@ def test_planned_cache_size_matches_the_cache_written(workdir: Path) -> None:
         cfg = small_config(workdir, f"logits.cover={cover}")
         teacher = preflight.model_facts(preflight.model_source("teacher.model", cfg.teacher), cfg.teacher)
         planned = preflight.planned_cache_bytes(cfg, teacher.tokenizer, preflight.data_records(cfg))
-        written = open_cache(pipeline.cache_logits(cfg).stages[0].outputs["logit_cache"]).manifest["bytes"]
+        manifest = open_cache(pipeline.cache_logits(cfg).stages[0].outputs["logit_cache"]).manifest
+        written, headers = manifest["bytes"], 1000 * len(manifest["shards"])  # safetensors' JSON header
         if at_most:
-            assert 0 < written - planned < 0.05 * written, (planned, written)
+            assert 0 < written - planned < 0.05 * written + headers, (planned, written)
         else:
             assert written < 0.5 * planned, (planned, written)
 
