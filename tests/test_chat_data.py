@@ -23,6 +23,7 @@ from conftest import PROJECT
 from dist_bench import dataset, preflight
 from dist_bench.config import DataConfig, load_config
 from dist_bench.dataset import IGNORE, DataError, Example, collate, data_fingerprint, load_examples
+from dist_bench.teacher import cache_format
 from dist_bench.tinyworld.tokenizer import build_tokenizer
 
 # ChatML with plain-text markers (the tiny vocabulary is bytes): no generation markers.
@@ -376,7 +377,7 @@ def test_preflight_scan_and_cache_estimate_for_chats(workdir: Path) -> None:
     )
     tokenizer = build_tokenizer()
     positions = sum(e.supervised_tokens for e in load_examples(cfg.data, tokenizer))
-    per_position = cfg.logits.top_k * 8  # token id int32 + log-prob float32
+    per_position = cache_format.bytes_per_position(cfg.logits.top_k, len(tokenizer))  # at most
     assert preflight.planned_cache_bytes(cfg, tokenizer, scan) == int(
         positions / 3 * 3 * per_position + 3 * 16
     )
