@@ -3,6 +3,7 @@ the bit packing, and that a stage's shards decode to what the teacher said."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -83,6 +84,20 @@ def test_bit_packing_round_trips_ids_of_any_width() -> None:
     assert cache_format.id_bits(151_936) == 18
 
 
+def test_packing_batch_by_batch_gives_the_bytes_of_packing_them_all_at_once() -> None:
+    ids = np.random.default_rng(1).integers(0, 151_936, size=1000)
+    for cuts in ([0, 1000], [0, 1, 2, 3, 1000], [0, 7, 333, 334, 999, 1000], [0, 0, 500, 500, 1000]):
+        packer = cache_format.IdPacker(18)
+        parts = [packer.add(ids[a:b]) for a, b in itertools.pairwise(cuts)] + [packer.close()]
+        assert np.concatenate(parts).tobytes() == cache_format.pack_ids(ids, 18).tobytes()
+    reference = np.zeros(math.ceil(1000 * 18 / 8), np.uint8)  # bit by bit, the slow obvious way
+    for n, token in enumerate(ids):
+        for b in range(18):
+            if int(token) >> b & 1:
+                reference[(n * 18 + b) // 8] |= 1 << ((n * 18 + b) % 8)
+    assert cache_format.pack_ids(ids, 18).tobytes() == reference.tobytes()
+
+
 def test_reconstruction_kl_is_zero_for_a_lossless_cache_and_grows_with_what_is_dropped() -> None:
     logp = torch.log_softmax(torch.randn(8, 50, generator=torch.Generator().manual_seed(1)) * 2, -1)
     ids = logp.argsort(-1, descending=True)
@@ -129,7 +144,10 @@ def test_tiled_topk_finds_the_same_values_as_torch_topk(width: int, k: int) -> N
     logits = torch.randn(64, width, generator=generator)
     logits[:8] = logits[:8].round()  # many ties
     logits[8:16, -5:] += 10  # the largest values past the last whole tile
-    got = cache_format.tiled_topk(logits, k, tile=16)
+    tile_max, lse = cache_format.tile_stats(logits, tile=16)
+    assert torch.equal(tile_max, logits[:, : width // 16 * 16].unflatten(1, (-1, 16)).amax(-1))
+    assert torch.allclose(lse, torch.logsumexp(logits, -1))
+    got = cache_format.tiled_topk(logits, k, tile_max, tile=16)
     want = logits.topk(k, -1)
     assert torch.equal(got.values, want.values)
     assert torch.equal(logits.gather(1, got.indices), got.values)  # the ids hold those values

@@ -50,6 +50,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+try:  # Triton ships with CUDA builds of torch on Linux; CPU builds take the torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
 FORMAT_V1 = "dist-bench-topk/1"
 FORMAT_V2 = "dist-bench-topp/2"
 CODE_MAX = 255  # codes are uint8
@@ -80,15 +86,13 @@ class Selected(NamedTuple):
     log_tail: torch.Tensor  # [c] float16: log(1 - kept probability mass)
 
 
-def select(
-    logits: torch.Tensor, top_k: int, cover: float, step: float, lse: torch.Tensor | None = None
-) -> Selected:
+def select(logits: torch.Tensor, top_k: int, cover: float, step: float) -> Selected:
     """The kept tokens of rows of full-vocabulary logits [c, V] (in the teacher's dtype; log-probs work too),
-    as the module docstring says; `lse`: their log-sum-exp [c] (float32), when the caller has it. No [c, V]
-    buffer besides the logits' own: the top-k is taken on the logits and only its values are normalised."""
-    top = tiled_topk(logits, top_k)  # sorted, descending
-    if lse is None:
-        lse = torch.logsumexp(logits.float(), -1)
+    as the module docstring says. No [c, V] buffer besides the logits' own: one pass over them gives each
+    row's log-sum-exp and its tile maxima (tile_stats), the top-k is taken through the tiles, and only its
+    values are normalised."""
+    tile_max, lse = tile_stats(logits)
+    top = tiled_topk(logits, top_k, tile_max)  # sorted, descending
     values = top.values.float() - lse[:, None]
     codes = ((values[:, :1] - values) / step).round()
     if cover >= 1.0:
@@ -113,20 +117,41 @@ class TopK(NamedTuple):
     indices: torch.Tensor
 
 
-def tiled_topk(logits: torch.Tensor, k: int, tile: int = TOPK_TILE) -> TopK:
-    """torch.topk over the last dimension, the same values (ids may differ between equal values), in a
-    fraction of its time on a wide vocabulary: the k tiles of `tile` columns with the largest maxima hold
-    the k largest values (a tile holding one of them has a maximum at least as large as the k-th value, and
-    at most k tiles outrank it), so one max per tile, a top-k over the tile maxima, and a top-k over those
-    k tiles' columns (plus the columns past the last whole tile) replace torch.topk's radix passes over the
-    whole row. On an H200 for [4096, 151936] bf16 logits: 4.5 ms directly (docs/benchmarks.md)."""
+def tile_stats(logits: torch.Tensor, tile: int = TOPK_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the maximum of each whole `tile` columns [rows, V // tile], in the logits' dtype; each row's
+    log-sum-exp [rows], float32), from one read of the logits: a Triton kernel on CUDA (ours: torch has no
+    fused max-per-tile-and-logsumexp, and `amax` on the tiled view plus `logsumexp` in float32 read the
+    [4096, 151936] logits three times and write two float32 copies, 2.3 ms against ~0.4 ms on an H200),
+    torch elsewhere."""
     rows, width = logits.shape
     tiles = width // tile
+    if _triton_ok(logits, tile):
+        tile_max = torch.empty((rows, tiles), dtype=logits.dtype, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        _tile_stats_kernel[(rows,)](
+            logits, logits.stride(0), width, tile_max, tile_max.stride(0), tiles, lse,
+            TILE=tile, BLOCK=_STATS_BLOCK,
+        )  # fmt: skip
+        return tile_max, lse
+    tile_max = logits[:, : tiles * tile].unflatten(1, (tiles, tile)).amax(-1)
+    return tile_max, torch.logsumexp(logits.float(), -1)
+
+
+def tiled_topk(logits: torch.Tensor, k: int, tile_max: torch.Tensor, tile: int = TOPK_TILE) -> TopK:
+    """torch.topk over the last dimension, the same values (ids may differ between equal values), in a
+    fraction of its time on a wide vocabulary, given tile_stats' tile maxima: the k tiles of `tile` columns
+    with the largest maxima hold the k largest values (a tile holding one of them has a maximum at least as
+    large as the k-th value, and at most k tiles outrank it), so a top-k over the tile maxima and a top-k
+    over those k tiles' columns (plus the columns past the last whole tile) replace torch.topk's radix
+    passes over the whole row. On an H200 for [4096, 151936] bf16 logits torch.topk takes 4.5 ms
+    (docs/benchmarks.md)."""
+    rows, width = logits.shape
+    tiles = tile_max.shape[1]
     if tiles <= 2 * k:  # a narrow vocabulary: nothing to prune
         top = logits.topk(k, dim=-1)
         return TopK(top.values, top.indices)
     whole = logits[:, : tiles * tile].unflatten(1, (tiles, tile))  # a view
-    best = whole.amax(-1).topk(k, dim=-1).indices  # [rows, k]
+    best = tile_max.topk(k, dim=-1).indices  # [rows, k]
     columns = torch.arange(tile, device=logits.device)
     candidates = whole.gather(1, best[:, :, None].expand(rows, k, tile)).flatten(1)
     candidate_ids = (best[:, :, None] * tile + columns).flatten(1)
@@ -136,6 +161,48 @@ def tiled_topk(logits: torch.Tensor, k: int, tile: int = TOPK_TILE) -> TopK:
         candidate_ids = torch.cat([candidate_ids, rest], 1)
     top = candidates.topk(k, dim=-1)
     return TopK(top.values, candidate_ids.gather(1, top.indices))
+
+
+_STATS_BLOCK = 1024  # columns per step of the tile-statistics kernel: 8 tiles of 128
+
+
+def _triton_ok(logits: torch.Tensor, tile: int) -> bool:
+    return (
+        triton is not None
+        and logits.is_cuda
+        and logits.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and logits.stride(1) == 1
+        and _STATS_BLOCK % tile == 0
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_stats_kernel(
+        logits_ptr, logits_stride, n_cols, tile_max_ptr, tile_max_stride, n_tiles, lse_ptr,
+        TILE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One program per row: BLOCK columns at a time, their BLOCK // TILE tile maxima stored (whole tiles
+        # only) and folded into the row's online log-sum-exp.
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_stride
+        running_max = -float("inf")
+        running_sum = 0.0
+        for start in range(0, n_cols, BLOCK):
+            offsets = start + tl.arange(0, BLOCK)
+            z = tl.load(row_ptr + offsets, mask=offsets < n_cols, other=-float("inf")).to(tl.float32)
+            maxima = tl.max(tl.reshape(z, (BLOCK // TILE, TILE)), axis=1)  # exact in the logits' dtype
+            tile_index = start // TILE + tl.arange(0, BLOCK // TILE)
+            tl.store(
+                tile_max_ptr + row * tile_max_stride + tile_index,
+                maxima.to(tile_max_ptr.dtype.element_ty),
+                mask=tile_index < n_tiles,
+            )
+            new_max = tl.maximum(running_max, tl.max(z, axis=0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            running_max = new_max
+        tl.store(lse_ptr + row, running_max + tl.log(running_sum))
 
 
 def decode(codes: torch.Tensor, counts: torch.Tensor, log_tail: torch.Tensor, step: float) -> torch.Tensor:
@@ -180,10 +247,31 @@ def fidelity(logits: torch.Tensor, chosen: Selected, step: float) -> tuple[torch
 
 def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
     """Non-negative ids -> a little-endian bit stream of `bits` bits each (uint8)."""
-    # each id's four little-endian bytes as 32 bits, of which the low `bits` are kept: 32 bytes of scratch per
-    # id, and no per-bit shifts of int64 arrays (5x faster on a shard of a million ids)
-    planes = np.unpackbits(ids.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
-    return np.packbits(planes[:, :bits].reshape(-1), bitorder="little")
+    packer = IdPacker(bits)
+    return np.concatenate([packer.add(ids), packer.close()])
+
+
+class IdPacker:
+    """pack_ids a batch at a time: the bytes of add(a), add(b), ..., close() are pack_ids(a + b + ...). The
+    bits that do not fill a byte wait for the next batch. (So the logit cache's writer packs each batch as it
+    comes, in calls of a few milliseconds, instead of holding the interpreter for a whole shard's ids.)"""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.carry = np.zeros(0, dtype=np.uint8)  # bits of the last, unfilled byte, one per element
+
+    def add(self, ids: np.ndarray) -> np.ndarray:
+        # each id's four little-endian bytes as 32 bits, of which the low `bits` are kept: 32 bytes of scratch
+        # per id, and no per-bit shifts of int64 arrays (5x faster on a shard of a million ids)
+        planes = np.unpackbits(ids.astype("<u4").view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+        stream = np.concatenate([self.carry, planes[:, : self.bits].reshape(-1)])
+        whole = stream.size - stream.size % 8
+        self.carry = stream[whole:]
+        return np.packbits(stream[:whole], bitorder="little")
+
+    def close(self) -> np.ndarray:
+        """The last byte (zero-padded), if bits are left."""
+        return np.packbits(self.carry, bitorder="little")
 
 
 def unpack_ids(stream: torch.Tensor, bit_positions: torch.Tensor, bits: int) -> torch.Tensor:

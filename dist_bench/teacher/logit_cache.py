@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import queue
 import threading
@@ -44,7 +43,6 @@ from dist_bench import models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Example, chat_template, collate, data_fingerprint, load_examples
 from dist_bench.progress import Progress
-from dist_bench.student.kernels import fold_tile
 from dist_bench.teacher import cache_format
 from dist_bench.teacher.cache_format import FORMAT_V2, Selected
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
@@ -124,7 +122,13 @@ def cache_logits(
     out: Path,
     on_shard_committed: Callable[[], None] = lambda: None,
 ) -> dict:
-    """Write every missing shard under out/shards; return the manifest (without teacher/tokenizer identity)."""
+    """Write every missing shard under out/shards; return the manifest (without teacher/tokenizer identity).
+
+    The teacher's thread runs the shards one after the other; the writer thread (_ShardWriter) packs and
+    writes each shard while the teacher runs the next, so the device never waits for a shard's file.
+    `on_shard_committed` (the stage's energy commit) is called by the writer as soon as a shard's files are
+    on disk: its figure includes the part of the next shard run meanwhile, which a resume after a kill
+    runs again (at most the writer's queue, a few batches)."""
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     size = cfg.logits.shard_size
@@ -132,14 +136,21 @@ def cache_logits(
     n_shards = (len(examples) + size - 1) // size
     done = sum(_shard_complete(shard_dir, shard) for shard in range(n_shards))
     with Progress("logit_caching", n_shards, "shards", done=done) as progress:
-        for shard in range(n_shards):
-            if _shard_complete(shard_dir, shard):
-                continue
-            indices = list(range(shard * size, min((shard + 1) * size, len(examples))))
-            tensors, sums = _teacher_shard(teacher, examples, indices, pad_id, cfg, vocab)
-            _write_shard(shard_dir, shard, tensors, sums)
+
+        def written() -> None:
             on_shard_committed()
             progress.advance()
+
+        writer = _ShardWriter(shard_dir, vocab, cfg.logits.top_k, written)
+        try:
+            for shard in range(n_shards):
+                if _shard_complete(shard_dir, shard):
+                    continue
+                indices = list(range(shard * size, min((shard + 1) * size, len(examples))))
+                _teacher_shard(teacher, examples, indices, pad_id, cfg, writer, shard)
+            writer.finish()
+        finally:
+            writer.close()
     shards = [json.loads((shard_dir / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
     positions = sum(s["positions"] for s in shards)
     sampled = sum(s["fidelity_positions"] for s in shards)
@@ -172,124 +183,154 @@ def _teacher_shard(
     indices: list[int],
     pad_id: int,
     cfg: RunConfig,
-    vocab: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One shard's tensors (cache_format.py's layout) and its fidelity sums. The shard's sequences, longest
-    first, in batches of logits.batch_size: the same batches whenever the shard is computed."""
+    writer: _ShardWriter,
+    shard: int,
+) -> None:
+    """Run the teacher over one shard's sequences, longest first, in batches of logits.batch_size (the same
+    batches whenever the shard is computed), and hand each chunk's selection and then the shard's end to the
+    writer. Nothing here waits for the device."""
     device = next(teacher.parameters()).device
     head = teacher.get_output_embeddings()
     order = sorted(indices, key=lambda i: (-len(examples[i].input_ids), i))
-    writer = _HostWriter()
-    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
-    entropy_sum = torch.zeros((), dtype=torch.float64, device=device)
+    fidelity_sums = torch.zeros(2, dtype=torch.float64, device=device)  # KL, entropy
     sampled, input_tokens, counts = 0, 0, []
     every = cfg.logits.fidelity_every
-    try:
-        for start in range(0, len(order), cfg.logits.batch_size):
-            chunk = order[start : start + cfg.logits.batch_size]
-            batch = collate([examples[i] for i in chunk], chunk, pad_id)
-            input_tokens += batch.tokens
-            counts.append(batch.predict_mask.sum(dim=1))
-            # Where the supervised positions are, found on the host (a boolean index on the device would
-            # wait for the device to learn the count).
-            where = batch.predict_mask.flatten().nonzero().squeeze(1)
-            hidden = _last_hidden(teacher, _to_device(batch.input_ids, device))
-            hidden = hidden.flatten(0, 1).index_select(0, _to_device(where, device))
-            for c0 in range(0, hidden.shape[0], HEAD_CHUNK):
-                rows = hidden[c0 : c0 + HEAD_CHUNK]
-                logits = head(rows)  # the teacher's dtype, as its own forward would give them
-                chosen = cache_format.select(
-                    logits, cfg.logits.top_k, cfg.logits.cover, cfg.logits.logprob_step, _log_sum_exp(logits)
+    for start in range(0, len(order), cfg.logits.batch_size):
+        chunk = order[start : start + cfg.logits.batch_size]
+        batch = collate([examples[i] for i in chunk], chunk, pad_id)
+        input_tokens += batch.tokens
+        counts.append(batch.predict_mask.sum(dim=1))
+        # Where the supervised positions are, found on the host (a boolean index on the device would wait
+        # for the device to learn the count).
+        where = batch.predict_mask.flatten().nonzero().squeeze(1)
+        hidden = _last_hidden(teacher, _to_device(batch.input_ids, device))
+        hidden = hidden.flatten(0, 1).index_select(0, _to_device(where, device))
+        for c0 in range(0, hidden.shape[0], HEAD_CHUNK):
+            rows = hidden[c0 : c0 + HEAD_CHUNK]
+            logits = head(rows)  # the teacher's dtype, as its own forward would give them
+            chosen = cache_format.select(logits, cfg.logits.top_k, cfg.logits.cover, cfg.logits.logprob_step)
+            # The fidelity sample: every `every`-th supervised position of the batch.
+            sample = range((-c0) % every, rows.shape[0], every)
+            if len(sample):
+                picked = torch.arange(sample.start, sample.stop, every, device=device)
+                kl, entropy = cache_format.fidelity(
+                    logits.index_select(0, picked),
+                    Selected(*(t.index_select(0, picked) for t in chosen)),
+                    cfg.logits.logprob_step,
                 )
-                # The fidelity sample: every `every`-th supervised position of the batch.
-                sample = range((-c0) % every, rows.shape[0], every)
-                if len(sample):
-                    picked = torch.arange(sample.start, sample.stop, every, device=device)
-                    kl, entropy = cache_format.fidelity(
-                        logits.index_select(0, picked),
-                        Selected(*(t.index_select(0, picked) for t in chosen)),
-                        cfg.logits.logprob_step,
-                    )
-                    kl_sum += kl
-                    entropy_sum += entropy
-                    sampled += len(sample)
-                del logits
-                writer.put(chosen)
-        kept = writer.finish()
-    finally:
-        writer.close()
+                fidelity_sums += torch.stack([kl, entropy])
+                sampled += len(sample)
+            del logits
+            writer.put(chosen)
     positions_per_sequence = torch.cat(counts)
     offsets = torch.zeros(len(order) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(positions_per_sequence, 0)
-    count_dtype = np.uint8 if cfg.logits.top_k <= 255 else np.int16
-    tensors = {
-        "counts": torch.from_numpy(kept["counts"].astype(count_dtype)),
-        "log_tail": torch.from_numpy(kept["log_tail"]),
-        "codes": torch.from_numpy(kept["codes"]),
-        "token_ids": torch.from_numpy(cache_format.pack_ids(kept["ids"], cache_format.id_bits(vocab))),
-        "offsets": offsets,
-        "sequence_index": torch.tensor(order, dtype=torch.int64),
-        "input_tokens": torch.tensor([input_tokens], dtype=torch.int64),
-    }
-    sums = {
-        "fidelity_kl_sum": float(kl_sum),
-        "entropy_sum": float(entropy_sum),
-        "fidelity_positions": sampled,
-        "kept_tokens": int(kept["counts"].sum()),
-    }
-    return tensors, sums
+    writer.end_shard(
+        shard,
+        {
+            "offsets": offsets,
+            "sequence_index": torch.tensor(order, dtype=torch.int64),
+            "input_tokens": torch.tensor([input_tokens], dtype=torch.int64),
+        },
+        fidelity_sums,
+        sampled,
+    )
 
 
-class _HostWriter:
-    """Brings the selected tokens to the host while the teacher runs on: each batch's fixed-width tensors
-    are copied into pinned memory without blocking, and this thread waits for the copy (a CUDA event) and
-    keeps only the kept entries (cache_format.encode_rows). At most two batches wait, so a slow host holds
-    the teacher back instead of filling memory. On a CPU teacher the copies are plain."""
+class _ShardWriter:
+    """The writer thread: brings each chunk's selection to the host while the teacher runs on, keeps only
+    the kept entries (cache_format.encode_rows) and packs their ids as they come, and at a shard's end
+    writes its files (_write_shard). Copies go into pinned memory without blocking; the thread waits for
+    each one (a CUDA event). At most QUEUE chunks wait, so a slow host holds the teacher back instead of
+    filling memory; the queue is deep enough to cover a shard's file writing. On a CPU teacher the copies
+    are plain. `written` is called (in this thread) after each shard's files are on disk. An error here is
+    raised in the teacher's thread at its next call."""
 
-    def __init__(self) -> None:
-        self.pending: queue.Queue = queue.Queue(maxsize=2)
-        self.parts: list[dict[str, np.ndarray]] = []
+    QUEUE = 16
+
+    def __init__(self, shard_dir: Path, vocab: int, top_k: int, written: Callable[[], None]) -> None:
+        self.shard_dir, self.bits, self.written = shard_dir, cache_format.id_bits(vocab), written
+        self.count_dtype = np.uint8 if top_k <= 255 else np.int16
+        self.pending: queue.Queue = queue.Queue(maxsize=self.QUEUE)
         self.error: BaseException | None = None
+        self._new_shard()
         self.thread = threading.Thread(target=self._drain, name="logit-cache-writer", daemon=True)
         self.thread.start()
 
     def put(self, chosen: Selected) -> None:
-        if self.error is not None:
-            raise self.error
-        if chosen.ids.is_cuda:
-            host = Selected(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in chosen))
-            for dst, src in zip(host, chosen, strict=True):
-                dst.copy_(src, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-        else:
-            host, copied = chosen, None
-        self.pending.put((host, copied))
+        self._raise()
+        self.pending.put(("chunk", *_to_host(chosen)))
 
-    def finish(self) -> dict[str, np.ndarray]:
-        """Every batch's kept entries, in order, once the last copy has landed."""
+    def end_shard(self, shard: int, tensors: dict[str, torch.Tensor], fidelity_sums: torch.Tensor,
+                  sampled: int) -> None:  # fmt: skip
+        """The shard's last chunk has been put: write it with these tensors and sums once its chunks are in."""
+        self._raise()
+        (sums,), copied = _to_host((fidelity_sums,))
+        self.pending.put(("end", (shard, tensors, sums, sampled), copied))
+
+    def finish(self) -> None:
+        """Wait until every shard handed over is written."""
         self.pending.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return {key: np.concatenate([part[key] for part in self.parts]) for key in self.parts[0]}
+        self._raise()
 
     def close(self) -> None:
         if self.thread.is_alive():  # an exception in the teacher's loop: let the thread end
             self.pending.put(None)
             self.thread.join()
 
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _new_shard(self) -> None:
+        self.packer = cache_format.IdPacker(self.bits)
+        self.parts: dict[str, list[np.ndarray]] = {"token_ids": [], "codes": [], "counts": [], "log_tail": []}
+
     def _drain(self) -> None:
         while (item := self.pending.get()) is not None:
             if self.error is not None:
                 continue
             try:
-                host, copied = item
+                kind, payload, copied = item
                 if copied is not None:
                     copied.synchronize()
-                self.parts.append(cache_format.encode_rows(host))
+                if kind == "chunk":
+                    rows = cache_format.encode_rows(payload)
+                    self.parts["token_ids"].append(self.packer.add(rows["ids"]))
+                    self.parts["codes"].append(rows["codes"])
+                    self.parts["counts"].append(rows["counts"].astype(self.count_dtype))
+                    self.parts["log_tail"].append(rows["log_tail"])
+                else:
+                    self._write(*payload)
             except BaseException as error:  # re-raised in the teacher's thread
                 self.error = error
+
+    def _write(self, shard: int, tensors: dict[str, torch.Tensor], sums: torch.Tensor, sampled: int) -> None:
+        self.parts["token_ids"].append(self.packer.close())
+        kept = {key: torch.from_numpy(np.concatenate(parts)) for key, parts in self.parts.items()}
+        self._new_shard()
+        kl_sum, entropy_sum = sums.tolist()
+        _write_shard(self.shard_dir, shard, {**kept, **tensors}, {
+            "fidelity_kl_sum": kl_sum,
+            "entropy_sum": entropy_sum,
+            "fidelity_positions": sampled,
+            "kept_tokens": int(kept["counts"].long().sum()),
+        })  # fmt: skip
+        self.written()
+
+
+def _to_host(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+    """Host copies of device tensors, started without blocking (pinned memory), and the event that marks
+    their arrival; host tensors as they are."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for dst, src in zip(host, tensors, strict=True):
+        dst.copy_(src, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return (Selected(*host) if isinstance(tensors, Selected) else tuple(host)), copied
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -298,20 +339,6 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def _log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's log-sum-exp (float32) in one read of the logits, by the KD loss's fold kernel (Triton on
-    CUDA): torch.logsumexp would write two float32 copies of the [rows, V] logits first."""
-    rows = logits.shape[0]
-    running_max = torch.full((rows,), -math.inf, dtype=torch.float32, device=logits.device)
-    running_sum = torch.zeros((rows,), dtype=torch.float32, device=logits.device)
-    no_ids = torch.zeros(
-        (rows, 1), dtype=torch.long, device=logits.device
-    )  # the kernel also reads ids' logits
-    fold_tile(logits, 0, no_ids[:, 0], no_ids, running_max, running_sum, None, None,
-              torch.zeros_like(running_sum), torch.zeros((rows, 1), device=logits.device), 1.0)  # fmt: skip
-    return running_max + running_sum.log()
 
 
 def _last_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
