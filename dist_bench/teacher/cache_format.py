@@ -130,7 +130,7 @@ def tile_stats(logits: torch.Tensor, tile: int = TOPK_TILE) -> tuple[torch.Tenso
         lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
         _tile_stats_kernel[(rows,)](
             logits, logits.stride(0), width, tile_max, tile_max.stride(0), tiles, lse,
-            TILE=tile, BLOCK=_STATS_BLOCK,
+            TILE=tile, BLOCK=_STATS_BLOCK, num_warps=4,
         )  # fmt: skip
         return tile_max, lse
     tile_max = logits[:, : tiles * tile].unflatten(1, (tiles, tile)).amax(-1)
@@ -163,7 +163,9 @@ def tiled_topk(logits: torch.Tensor, k: int, tile_max: torch.Tensor, tile: int =
     return TopK(top.values, candidate_ids.gather(1, top.indices))
 
 
-_STATS_BLOCK = 1024  # columns per step of the tile-statistics kernel: 8 tiles of 128
+# Columns per step of the tile-statistics kernel (32 tiles of 128) and 4 warps: 0.36 ms for [4096, 151936]
+# bf16 on an H200, against 0.52 ms at 1024 columns and 4 warps (a sweep of 1024-4096 x 2-16 warps, 2026-12-01).
+_STATS_BLOCK = 4096
 
 
 def _triton_ok(logits: torch.Tensor, tile: int) -> bool:
