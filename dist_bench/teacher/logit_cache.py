@@ -18,9 +18,10 @@ run recomputes exactly the missing shards and ends byte-identical to an uninterr
 Speed (the teacher's cost is KD's whole teacher cost, so it is what the KD row reports): a shard's sequences
 are batched longest first (little padding); the forward stops at the last hidden state and the LM head runs
 on the supervised positions only, HEAD_CHUNK rows at a time; the selection (top-k, the cover cut, the codes)
-runs on the teacher's device into fixed-width tensors, so nothing waits for the host; those are copied into
-pinned host memory without blocking, and a writer thread waits for each copy and packs it while the teacher
-runs the next batch. No attention mask is passed: batches are right-padded and attention is causal, so a
+runs on the teacher's device into fixed-width tensors (cache_format.select: one Triton pass for the tile
+maxima and the log-sum-exp, a top-k through the best tiles), so nothing waits for the host; those are copied
+into pinned host memory without blocking, and a writer thread waits for each copy, packs it, and writes each
+shard's files while the teacher runs on. No attention mask is passed: batches are right-padded and attention is causal, so a
 real token never sees a pad, and without a mask SDPA takes its plain causal kernel (and transformers does
 not check the mask on the device, a host sync per batch).
 """
