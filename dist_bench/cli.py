@@ -50,18 +50,28 @@ AliasOption = Annotated[
 ]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
 FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
+DATA_PARALLEL = ("cache_logits",)  # the commands that run on several ranks (--nproc, torchrun)
 T = TypeVar("T")
 
 
 AblationsFlag = Annotated[
     bool, typer.Option("--ablations", help="one parent per point of the experiment's ablations grid")
 ]
+NprocOption = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="processes (ranks) on this host, one per GPU: the command runs under torch.distributed.run "
+        "after its pre-flight pass (torchrun, accelerate launch and srun start ranks themselves)",
+    ),
+]
 
 
 @app.command("main")
-def main_(overrides: Overrides = None) -> None:
+def main_(overrides: Overrides = None, nproc: NprocOption = 1) -> None:
     """The KD pipeline on the embedded offline tiny world."""
-    kd(config=None, overrides=overrides)
+    kd(config=None, overrides=overrides, nproc=nproc)
 
 
 @app.command("kd")
@@ -71,9 +81,10 @@ def kd(
     ablations: AblationsFlag = False,
     register: RegisterOption = None,
     alias: AliasOption = None,
+    nproc: NprocOption = 1,
 ) -> None:
     """Logit caching -> KD student training -> evaluation, as one parent run with nested stage runs."""
-    _student_pipeline("kd", config, overrides, ablations, register, alias)
+    _student_pipeline("kd", config, overrides, ablations, register, alias, nproc)
 
 
 @app.command("sft")
@@ -83,10 +94,11 @@ def sft(
     ablations: AblationsFlag = False,
     register: RegisterOption = None,
     alias: AliasOption = None,
+    nproc: NprocOption = 1,
 ) -> None:
     """Teacher-written data (generation.enabled) or the data itself -> SFT student training -> evaluation
     (the same trainer, precision and token budget as kd)."""
-    _student_pipeline("sft", config, overrides, ablations, register, alias)
+    _student_pipeline("sft", config, overrides, ablations, register, alias, nproc)
 
 
 @app.command("dpo")
@@ -96,10 +108,11 @@ def dpo(
     ablations: AblationsFlag = False,
     register: RegisterOption = None,
     alias: AliasOption = None,
+    nproc: NprocOption = 1,
 ) -> None:
     """Preference pairs built by the teacher (preferences.method) or read (preferences.path) -> DPO of the
     policy (student.model) -> evaluation (the same optimizer, precision and token budget rule as kd and sft)."""
-    _student_pipeline("dpo", config, overrides, ablations, register, alias)
+    _student_pipeline("dpo", config, overrides, ablations, register, alias, nproc)
 
 
 def _student_pipeline(
@@ -109,6 +122,7 @@ def _student_pipeline(
     ablations: bool,
     register: str | None = None,
     alias: str | None = None,
+    nproc: int = 1,
 ) -> None:
     """kd, sft or dpo: pre-flight, then the pipeline, or every point of the config's ablations grid (each
     pre-flight checked before the first runs); a failed prerun gate stops it before any teacher work.
@@ -119,7 +133,11 @@ def _student_pipeline(
         _fail("--alias: needs --register <name>")
     cfg = _load(config, overrides)
     checks = None if ablations else _preflight(cfg, name)  # before the heavy imports: bad input fails fast
-    from dist_bench import pipeline
+    flags = (["--ablations"] if ablations else []) + (["--register", register] if register else [])
+    _distribute(
+        cfg, nproc, [name, *_config_args(config, overrides), *flags, *(["--alias", alias] if alias else [])]
+    )
+    from dist_bench import distributed, pipeline
     from dist_bench.prerun import PrerunFailed
 
     def runs() -> list:
@@ -131,6 +149,8 @@ def _student_pipeline(
         done = _guarded(runs, passthrough=(PrerunFailed,))
     except PrerunFailed as err:  # the gate: nothing of the teacher's was started
         _fail(f"prerun failed, pipeline stopped: {err}", FAILED)
+    if not distributed.is_main():  # rank 0 reports and registers
+        return
     for run in done:
         _print_stages(run)
     if register is not None:
@@ -191,6 +211,7 @@ def generate(
         bool,
         typer.Option("--dry-run", help="print requests, a token bound and the worst-case cost; run nothing"),
     ] = False,
+    nproc: NprocOption = 1,
 ) -> None:
     """The teacher writes completions for the data's prompts, filtered (a later sft with the same settings reuses it)."""
     cfg = _load(config, overrides)
@@ -198,10 +219,10 @@ def generate(
     if dry_run:
         _guarded(lambda: typer.echo(_generation_plan(cfg)))
         return
+    _distribute(cfg, nproc, ["generate", *_config_args(config, overrides)])
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.generate(cfg, checks))
-    _print_stages(run)
+    _print_stages(_guarded(lambda: pipeline.generate(cfg, checks)))
 
 
 def _generation_plan(cfg: RunConfig) -> str:
@@ -229,25 +250,25 @@ def _generation_plan(cfg: RunConfig) -> str:
 
 
 @app.command("preferences")
-def preferences(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def preferences(config: ConfigOption = None, overrides: Overrides = None, nproc: NprocOption = 1) -> None:
     """The teacher builds preference pairs (preferences.method); a later dpo with the same settings reuses them."""
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "preferences")
+    _distribute(cfg, nproc, ["preferences", *_config_args(config, overrides)])
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.build_preferences(cfg, checks))
-    _print_stages(run)
+    _print_stages(_guarded(lambda: pipeline.build_preferences(cfg, checks)))
 
 
 @app.command("cache_logits")
-def cache_logits(config: ConfigOption = None, overrides: Overrides = None) -> None:
+def cache_logits(config: ConfigOption = None, overrides: Overrides = None, nproc: NprocOption = 1) -> None:
     """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "cache_logits")
+    _distribute(cfg, nproc, ["cache_logits", *_config_args(config, overrides)])
     from dist_bench import pipeline
 
-    run = _guarded(lambda: pipeline.cache_logits(cfg, checks))
-    _print_stages(run)
+    _print_stages(_guarded(lambda: pipeline.cache_logits(cfg, checks)))
 
 
 @app.command("eval")
@@ -473,6 +494,25 @@ def _preflight(cfg: RunConfig, pipeline: str, **inputs: object) -> list:
     return _guarded(lambda: preflight.run(cfg, pipeline, **inputs))  # type: ignore[arg-type]
 
 
+def _distribute(cfg: RunConfig, nproc: int, argv: list[str]) -> None:
+    """`--nproc N` (N > 1) in a plain process, its pre-flight pass done: run `dist-bench <argv>` as N ranks
+    on this host and exit with their exit code. In a rank (ours, or one torchrun, accelerate or srun
+    started): join the job's process group (distributed.py)."""
+    from dist_bench import distributed
+
+    if (nproc > 1 or distributed.launched()) and argv[0] not in DATA_PARALLEL:
+        _fail(
+            f"--nproc {nproc}: `{argv[0]}` does not run on several processes yet (only: {', '.join(DATA_PARALLEL)})"
+        )
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(distributed.launch(nproc, argv))
+    distributed.init_from_env(cfg.train.device)
+
+
+def _config_args(config: Path | None, overrides: list[str] | None) -> list[str]:
+    return [*(["--config", str(config)] if config else []), *(overrides or [])]
+
+
 def _guarded(call: Callable[[], T], passthrough: tuple[type[Exception], ...] = ()) -> T:
     """Run a command's work; an expected failure becomes one redacted line and its exit code.
     `passthrough`: exceptions the command reports itself (the prerun gate prints its findings)."""
@@ -511,6 +551,10 @@ def _debug() -> bool:
 
 
 def _print_stages(run: object) -> None:
+    from dist_bench import distributed
+
+    if not distributed.is_main():  # one report per job: rank 0's
+        return
     for stage in run.stages:  # type: ignore[attr-defined]
         how = "reused" if stage.reused else "ran"
         energy = stage.metrics.get("total_energy_j")

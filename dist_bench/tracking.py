@@ -38,9 +38,9 @@ import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import environment, headline, liveness, rollup
+from dist_bench import distributed, environment, headline, liveness, rollup
 from dist_bench.config import RunConfig, config_hash, flatten
-from dist_bench.energy import EnergyReading, EnergyWindow, stage_metrics, stage_tags
+from dist_bench.energy import EnergyReading, EnergyWindow, committed, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
 from dist_bench.energy.outputs import StageSeries, plot_timeline, write_timeline_csv
 from dist_bench.preflight import Check, tracking_uri
@@ -49,7 +49,6 @@ from dist_bench.redact import has_credentials, redact
 ROLE = "dist_bench.role"
 STAGE = "dist_bench.stage"
 STAGE_KEY = "dist_bench.stage_key"
-ENERGY_PROGRESS = "energy_progress.json"  # energy of earlier, interrupted attempts of a stage
 DONE = "DONE.json"  # written last: the stage's outputs are complete
 
 
@@ -88,16 +87,16 @@ class StageContext:
     stage_dir: Path  # persistent working files: resume reads them back
     window: EnergyWindow
     prior_energy: EnergyReading | None  # committed energy of earlier interrupted attempts
-
-    def energy_so_far(self) -> EnergyReading:
-        current = self.window.read()
-        return self.prior_energy + current if self.prior_energy else current
+    attempt: str  # this attempt's id (energy/committed.py)
 
     def commit_energy(self) -> None:
-        """Call right after committing work to disk: a later resume then counts the energy spent on it."""
-        rollup.write_json_atomic(self.stage_dir / ENERGY_PROGRESS, self.energy_so_far().to_dict())
+        """Call right after committing work to disk (any rank): a later resume then counts the energy spent
+        on it (energy/committed.py)."""
+        committed.commit(self.stage_dir, self.attempt, distributed.rank(), self.window.read())
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not distributed.is_main():  # only rank 0 talks to the tracking server
+            return
         MlflowClient().log_batch(
             self.run_id, metrics=[rollup.metric(k, v, step) for k, v in metrics.items()], synchronous=True
         )
@@ -207,7 +206,13 @@ def pipeline_run(
     model: str = "none",
 ) -> Iterator[ParentRun]:
     """The parent run: config, params, environment snapshot; FINISHED only if every stage finished.
-    `model`: the model the pipeline trains from or evaluates (the `model` param of every pipeline)."""
+    `model`: the model the pipeline trains from or evaluates (the `model` param of every pipeline).
+    Under several ranks (distributed.py) rank 0 opens and ends it; the others get its id."""
+    if not distributed.is_main():
+        run_id, experiment, idle_power_w, idle_source = distributed.broadcast(None)
+        yield ParentRun(run_id, experiment, cfg, pipeline, run_name, idle_power_w=idle_power_w,
+                        idle_source=idle_source)  # fmt: skip
+        return
     open_store()
     liveness.close_dead_runs()
     commit, dirty = environment.git_state(Path(__file__).resolve().parent.parent)
@@ -242,6 +247,9 @@ def pipeline_run(
             if checks is not None:
                 mlflow.log_dict([asdict(check) for check in checks], "preflight.json")
             _set_idle_power(parent)
+            distributed.broadcast(
+                (parent.run_id, parent.experiment_id, parent.idle_power_w, parent.idle_source)
+            )
             yield parent
             rollup.log_totals(parent)
         except BaseException as err:
@@ -283,13 +291,20 @@ def execute_stage(
     tags: dict[str, str] | None = None,
     reusable: bool = True,
     gpu_unmeasured: str | None = None,
+    data_parallel: bool = False,
 ) -> StageResult:
     """Reuse a matching finished run of this stage, or run `work` in a nested, energy-tracked child run.
 
     `reusable=False` for stages that measure the machine as it is now (prerun): never taken from the past.
     `gpu_unmeasured`: why the stage's GPU energy cannot be measured here (a remote teacher): the GPU
     figure is then unavailable with that note, not the idle draw of the local GPUs.
+
+    Under several ranks (distributed.py) rank 0 decides, opens the run, logs, and hands the outputs on;
+    `data_parallel` stages run `work` on every rank (each does its share), the others on rank 0 alone while
+    the other ranks wait (their GPUs' energy counts: they are the job's). See _follow_stage.
     """
+    if not distributed.is_main():
+        return _follow_stage(parent, stage, work, gpu_unmeasured, data_parallel)
     cfg = parent.cfg
     params = {**params, "code_version": code_version()}
     key = config_hash({"stage": stage, "params": params})
@@ -302,11 +317,15 @@ def execute_stage(
         )
         if earlier is not None:
             result = _reuse(parent, stage, earlier, stage_dir)
+            distributed.broadcast({"reused": True, "run_id": result.run_id, "fingerprints": result.fingerprints,
+                                   "outputs": {name: str(path) for name, path in result.outputs.items()}})  # fmt: skip
         else:
             if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
                 shutil.rmtree(stage_dir)
                 stage_dir.mkdir(parents=True)
             result = _run(parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured)
+            distributed.broadcast({"fingerprints": result.fingerprints,
+                                   "outputs": {name: str(path) for name, path in result.outputs.items()}})  # fmt: skip
     parent.stages.append(result)
     rollup.log_stage(parent, result)
     return result
@@ -324,7 +343,7 @@ def _run(
 ) -> StageResult:
     cfg = parent.cfg
     interrupted = _interrupted_attempts(key)
-    prior = _read_prior_energy(stage_dir)
+    prior, attempt = committed.start_attempt(stage_dir)
     started = _now()
     run_tags = {
         ROLE: "stage",
@@ -344,6 +363,9 @@ def _run(
         run_name=f"{parent.name}/{stage}", nested=True, experiment_id=parent.experiment_id, tags=run_tags
     )
     run_id = run.info.run_id
+    distributed.broadcast(
+        {"reused": False, "run_id": run_id, "stage_dir": str(stage_dir), "attempt": attempt}
+    )
     try:
         for earlier in interrupted:
             MlflowClient().set_tag(earlier, "dist_bench.resumed_by", run_id)
@@ -357,7 +379,7 @@ def _run(
             gpu_unmeasured=gpu_unmeasured,
         )
         with window:
-            ctx = StageContext(stage, run_id, stage_dir, window, prior)
+            ctx = StageContext(stage, run_id, stage_dir, window, prior, attempt)
             done = work(ctx)
         energy = prior + window.reading if prior else window.reading
         metrics = {**stage_metrics(energy, done.tokens), **done.metrics}
@@ -388,6 +410,33 @@ def _run(
         raise
     mlflow.end_run("FINISHED")
     return StageResult(stage, run_id, False, done.outputs, done.fingerprints, metrics, summary)
+
+
+def _follow_stage(
+    parent: ParentRun,
+    stage: str,
+    work: Callable[[StageContext], StageWork],
+    gpu_unmeasured: str | None,
+    data_parallel: bool,
+) -> StageResult:
+    """A rank other than 0, in step with rank 0's execute_stage: its decision; unless reused, an energy
+    window (rank 0 gathers every rank's reading when the windows close) around this rank's share of the
+    work, or around the wait for rank 0; then the outputs rank 0 recorded. No tracking calls."""
+    decision = distributed.broadcast(None)
+    if not decision["reused"]:
+        stage_dir = Path(decision["stage_dir"])
+        window = EnergyWindow(parent.cfg.energy, stage_dir, stage, idle_power_w=parent.idle_power_w,
+                              idle_source=parent.idle_source, gpu_unmeasured=gpu_unmeasured)  # fmt: skip
+        with window:
+            if data_parallel:
+                work(StageContext(stage, decision["run_id"], stage_dir, window, None, decision["attempt"]))
+        decision.update(distributed.broadcast(None))
+    outputs = {name: Path(path) for name, path in decision["outputs"].items()}
+    result = StageResult(
+        stage, decision["run_id"], decision["reused"], outputs, decision["fingerprints"], {}, {}
+    )
+    parent.stages.append(result)
+    return result
 
 
 def _reuse(parent: ParentRun, stage: str, run: Any, stage_dir: Path) -> StageResult:
@@ -529,11 +578,6 @@ def _log_timeline(parent: ParentRun, stage: str, window: EnergyWindow, stage_dir
     plot = plot_timeline([series], stage_dir / "energy" / "power_timeline.png")
     if plot:
         mlflow.log_artifact(str(plot), "energy")
-
-
-def _read_prior_energy(stage_dir: Path) -> EnergyReading | None:
-    file = stage_dir / ENERGY_PROGRESS
-    return EnergyReading.from_dict(json.loads(file.read_text())) if file.exists() else None
 
 
 def _log_params(run_id: str, params: dict[str, str]) -> None:

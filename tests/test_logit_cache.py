@@ -121,7 +121,7 @@ def test_interrupted_caching_resumes_to_identical_bytes(
     # A half-written shard from the moment of the kill must not be mistaken for a finished one.
     stage_dir = next(p for p in (workdir / "runs" / "logit_caching").iterdir() if p.is_dir())
     (stage_dir / "logit_cache" / "shards" / "shard-00002.safetensors").write_bytes(b"torn write")
-    before_resume = json.loads((stage_dir / "energy_progress.json").read_text())
+    before_resume = json.loads((stage_dir / "energy_progress.rank-0.json").read_text())["reading"]
 
     monkeypatch.setattr(logit_cache, "_write_shard", lambda *a: (written.append(a[1]), real_write(*a)))
     resumed = pipeline.cache_logits(cfg)

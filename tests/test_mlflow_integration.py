@@ -70,6 +70,24 @@ def test_mlflow_run_kd_entry_point(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_mlflow_run_cache_logits_on_two_ranks_continues_the_run_mlflow_opened(tmp_path: Path) -> None:
+    overrides = " ".join([*SMALL, f"output.run_dir={tmp_path / 'runs'}"])
+    env = mlflow_run_env(tmp_path, "two-ranks")
+    done = subprocess.run(
+        [str(BIN / "mlflow"), "run", ".", "-e", "cache_logits", "--env-manager", "local", "--experiment-name",
+         "two-ranks", "-P", f"overrides={overrides}", "-P", "nproc=2"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("two-ranks").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("dist_bench.role") == "pipeline"]
+    (stage,) = [r for r in runs if r.data.tags.get("dist_bench.role") == "stage"]
+    assert len(runs) == 2 and parent.data.tags["mlflow.project.entryPoint"] == "cache_logits"
+    assert parent.info.status == stage.info.status == "FINISHED"
+    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
 def test_mlflow_run_eval_of_several_models_makes_a_parent_each(tmp_path: Path) -> None:
     """What `make demo` runs for its reference rows: one process, one parent run per model, the run that
     `mlflow run` opened kept out of the table (role sweep)."""

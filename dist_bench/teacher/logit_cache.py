@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from dist_bench import models
+from dist_bench import distributed, models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import Example, chat_template, collate, data_fingerprint, load_examples
 from dist_bench.progress import Progress
@@ -88,6 +88,8 @@ def run(parent: ParentRun) -> StageResult:
         ).eval()
         out = ctx.stage_dir / "logit_cache"
         manifest = cache_logits(teacher, examples, tokenizer.pad_token_id, cfg, out, ctx.commit_energy)
+        if not distributed.is_main():  # its shards are written; rank 0 writes the manifest and logs
+            return StageWork(tokens=0, outputs={}, fingerprints={})
         manifest.update(teacher=params["teacher.fingerprint"], tokenizer=params["tokenizer.fingerprint"])
         manifest_path = out / "manifest.json"
         _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -112,7 +114,9 @@ def run(parent: ParentRun) -> StageResult:
             },
         )
 
-    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model})
+    return execute_stage(
+        parent, STAGE, params, work, tags={"dist_bench.teacher": cfg.teacher.model}, data_parallel=True
+    )
 
 
 def cache_logits(
@@ -125,6 +129,10 @@ def cache_logits(
 ) -> dict:
     """Write every missing shard under out/shards; return the manifest (without teacher/tokenizer identity).
 
+    Under several ranks (distributed.py) each computes every world_size-th missing shard (rank 0's list of
+    the missing ones, so all agree) and all wait for the last; a shard's bytes do not depend on who
+    computes it, so the cache is the same as one process's, and a resume may use any number of ranks.
+
     The teacher's thread runs the shards one after the other; the writer thread (_ShardWriter) packs and
     writes each shard while the teacher runs the next, so the device never waits for a shard's file.
     `on_shard_committed` (the stage's energy commit) is called by the writer as soon as a shard's files are
@@ -135,8 +143,11 @@ def cache_logits(
     size = cfg.logits.shard_size
     vocab = int(teacher.get_output_embeddings().weight.shape[0])
     n_shards = (len(examples) + size - 1) // size
-    done = sum(_shard_complete(shard_dir, shard) for shard in range(n_shards))
-    with Progress("logit_caching", n_shards, "shards", done=done) as progress:
+    missing = distributed.broadcast([i for i in range(n_shards) if not _shard_complete(shard_dir, i)])
+    mine = distributed.my_share(missing)
+    found = n_shards - len(missing)
+    what = "logit_caching" if distributed.world_size() == 1 else f"logit_caching (rank {distributed.rank()})"
+    with Progress(what, found + len(mine), "shards", done=found) as progress:
 
         def written() -> None:
             on_shard_committed()
@@ -144,14 +155,13 @@ def cache_logits(
 
         writer = _ShardWriter(shard_dir, vocab, cfg.logits.top_k, written)
         try:
-            for shard in range(n_shards):
-                if _shard_complete(shard_dir, shard):
-                    continue
+            for shard in mine:
                 indices = list(range(shard * size, min((shard + 1) * size, len(examples))))
                 _teacher_shard(teacher, examples, indices, pad_id, cfg, writer, shard)
             writer.finish()
         finally:
             writer.close()
+    distributed.barrier()  # every rank's shards are on disk
     shards = [json.loads((shard_dir / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
     positions = sum(s["positions"] for s in shards)
     sampled = sum(s["fidelity_positions"] for s in shards)

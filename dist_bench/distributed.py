@@ -1,0 +1,125 @@
+"""Several processes, one pipeline: `dist-bench <pipeline> --nproc N`, torchrun, accelerate launch, srun.
+
+Every process runs the same pipeline code. Rank 0 alone talks to the MLflow tracking server: it opens the
+parent and the stage runs, decides whether a stage is reused, and logs; the other ranks follow its
+decisions (`broadcast`) and do their part of each stage's work. A data-parallel stage splits its work
+units by rank (`my_share`) so that the files it writes are the same bytes whatever the world size; every
+rank's energy is gathered into the stage's figure (energy/distributed.py).
+
+The process group is torch.distributed's, set up from the environment torchrun (and accelerate, and our
+`launch`) provides: NCCL where the ranks use CUDA, gloo otherwise (the CPU tests). Without it, every
+function here is the single-process identity, so one-process runs pay nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600
+
+
+def _group() -> Any | None:
+    """torch.distributed when a process group of more than one rank is up, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def rank() -> int:
+    dist = _group()
+    return dist.get_rank() if dist else 0
+
+
+def world_size() -> int:
+    dist = _group()
+    return dist.get_world_size() if dist else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a launcher's job (torchrun, accelerate, srun + torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str) -> None:
+    """Join the launcher's process group (once): NCCL when `device` (train.device) puts ranks on CUDA GPUs,
+    each on GPU LOCAL_RANK; gloo otherwise."""
+    import torch
+    import torch.distributed as dist
+
+    if not launched() or dist.is_initialized():
+        return
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # The other ranks wait in a collective while rank 0 runs a stage alone (eval, tracking), which can take
+    # hours: the default 10-30 minutes would end the job. A failed rank still ends them all: the launcher
+    # (torchrun's agent, srun) stops every rank when one exits with an error.
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    )
+    atexit.register(close)
+
+
+def close() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast(value: T | None) -> T:
+    """Rank 0's value on every rank (what the others pass is ignored): a decision only rank 0 can make."""
+    dist = _group()
+    if dist is None:
+        return value  # type: ignore[return-value]
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
+def barrier() -> None:
+    dist = _group()
+    if dist is not None:
+        dist.barrier()
+
+
+def my_share(items: Sequence[T]) -> list[T]:
+    """This rank's work units: every world_size-th, from its rank on. The units and what each writes do
+    not depend on the world size, only who computes them."""
+    return list(items[rank() :: world_size()])
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `python -m dist_bench <argv>` as `nproc` ranks on this host (torch.distributed.run, the engine
+    torchrun is) and wait: the exit code is the first failed rank's, 0 when all succeed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"dist-bench-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+        max_restarts=0,
+        monitor_interval=0.5,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "dist_bench", *argv)
+    except ChildFailedError as failed:
+        codes = [f.exitcode for _, f in sorted(failed.failures.items())]
+        return next((code for code in codes if code not in (0, None)), 1)
+    return 0

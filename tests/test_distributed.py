@@ -1,0 +1,141 @@
+"""Several processes, one pipeline (distributed.py): real ranks on gloo, started by `--nproc`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SMALL
+from dist_bench import pipeline
+from dist_bench.config import load_config
+from dist_bench.energy import EnergyReading, committed
+from dist_bench.teacher import logit_cache
+
+
+def cache_files(parent: pipeline.ParentRun) -> dict[Path, bytes]:
+    folder = parent.stages[0].outputs["logit_cache"]
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def stage_folder(run_dir: Path) -> Path:
+    return next(p for p in (run_dir / "logit_caching").iterdir() if p.is_dir())
+
+
+def dist_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DIST_BENCH_PROGRESS_EVERY_S": "600"}
+    return subprocess.run([sys.executable, "-m", "dist_bench", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+def runs_by_role() -> dict[str, list]:
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    out: dict[str, list] = {}
+    for run in runs:
+        out.setdefault(run.data.tags.get("dist_bench.role", "?"), []).append(run)
+    return out
+
+
+def test_two_ranks_cache_the_same_bytes_as_one_process_in_one_parent_and_one_stage_run(workdir: Path) -> None:
+    overrides = [*SMALL, "data.max_samples=80"]  # 5 shards of 16: ranks take 0, 2, 4 and 1, 3
+    reference = pipeline.cache_logits(load_config(None, [*overrides, f"output.run_dir={workdir / 'one'}"]))
+    expected = cache_files(reference)
+    before = {run.info.run_id for runs in runs_by_role().values() for run in runs}
+
+    done = dist_bench(
+        "cache_logits", "--nproc", "2", *overrides, f"output.run_dir={workdir / 'two'}", cwd=workdir
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = stage_folder(workdir / "two")
+    got = {p.relative_to(folder / "logit_cache"): p.read_bytes() for p in (folder / "logit_cache").rglob("*")
+           if p.is_file()}  # fmt: skip
+    assert got == expected
+    # both ranks worked: each committed energy after its shards
+    progress = {p.name: json.loads(p.read_text()) for p in folder.glob("energy_progress.rank-*.json")}
+    assert sorted(progress) == ["energy_progress.rank-0.json", "energy_progress.rank-1.json"]
+    assert (
+        progress["energy_progress.rank-0.json"]["attempt"]
+        == progress["energy_progress.rank-1.json"]["attempt"]
+    )
+
+    new = {role: [r for r in runs if r.info.run_id not in before] for role, runs in runs_by_role().items()}
+    parents, stages = new.get("pipeline", []), new.get("stage", [])
+    assert len(parents) == 1 and len(stages) == 1, {role: len(runs) for role, runs in new.items()}
+    assert parents[0].info.status == "FINISHED" and stages[0].info.status == "FINISHED"
+    assert stages[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert (
+        stages[0].data.metrics["supervised_positions"] == reference.stages[0].metrics["supervised_positions"]
+    )
+    assert "parent run:" in done.stdout and done.stdout.count("parent run:") == 1  # rank 0 reports
+
+
+def test_a_cache_interrupted_in_one_process_resumes_on_two(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = [*SMALL, "data.max_samples=80"]
+    reference = pipeline.cache_logits(load_config(None, [*overrides, f"output.run_dir={workdir / 'one'}"]))
+    cfg = load_config(None, [*overrides, f"output.run_dir={workdir / 'runs'}"])
+    real_write, written = logit_cache._write_shard, []
+
+    def write_then_die(shard_dir: Path, shard: int, tensors: dict, sums: dict) -> None:
+        real_write(shard_dir, shard, tensors, sums)
+        written.append(shard)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(logit_cache, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.cache_logits(cfg)
+    monkeypatch.undo()
+    first = json.loads((stage_folder(workdir / "runs") / "energy_progress.rank-0.json").read_text())
+
+    done = dist_bench(
+        "cache_logits", "--nproc", "2", *overrides, f"output.run_dir={workdir / 'runs'}", cwd=workdir
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = stage_folder(workdir / "runs")
+    got = {p.relative_to(folder / "logit_cache"): p.read_bytes() for p in (folder / "logit_cache").rglob("*")
+           if p.is_file()}  # fmt: skip
+    assert got == cache_files(reference)
+    (stage,) = [r for r in runs_by_role()["stage"]
+                if r.info.status == "FINISHED" and r.data.tags["dist_bench.stage_dir"] == str(folder)]  # fmt: skip
+    assert stage.data.tags["dist_bench.resumed"] == "true"
+    # the interrupted attempt's committed time is in the figure (prior + the two ranks' longest window)
+    assert stage.data.metrics["duration_s"] > first["reading"]["duration_s"] > 0
+
+
+def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignored(tmp_path: Path) -> None:
+    def reading(seconds: float, gpu: str, joules: float) -> EnergyReading:
+        return EnergyReading(duration_s=seconds, gpu_energy_j=joules, per_gpu_j={gpu: joules}, gpus=(gpu,),
+                             cpu_energy_j=10.0, ram_energy_j=1.0)  # fmt: skip
+
+    prior, first = committed.start_attempt(tmp_path)
+    assert prior is None
+    committed.commit(tmp_path, first, 0, reading(5, "GPU-a", 100))
+    committed.commit(tmp_path, first, 1, reading(4, "GPU-b", 80))
+    prior, second = committed.start_attempt(tmp_path)  # a resume
+    # one attempt's ranks: GPUs add up, the host's CPU/RAM counts once, time is the longest rank's
+    assert (prior.gpu_energy_j, prior.cpu_energy_j, prior.ram_energy_j, prior.duration_s) == (180, 10, 1, 5)
+    assert not list(tmp_path.glob("energy_progress.rank-*.json"))
+    committed.commit(tmp_path, second, 0, reading(2, "GPU-a", 30))
+    (tmp_path / "energy_progress.rank-7.json").write_text(
+        json.dumps({"attempt": first, "host": "h", "reading": reading(99, "GPU-z", 999).to_dict()})
+    )  # left by an attempt killed before it removed its files: not this attempt's
+    prior, _ = committed.start_attempt(tmp_path)
+    # attempts add up: the same GPU in two attempts is counted in both
+    assert (prior.gpu_energy_j, prior.per_gpu_j, prior.duration_s) == (210, {"GPU-a": 130, "GPU-b": 80}, 7)
+
+
+def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workdir: Path) -> None:
+    done = dist_bench("kd", "--nproc", "2", *SMALL, cwd=workdir)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dist-bench: error: --nproc 2: `kd` does not run on several processes yet (only: cache_logits)"
+    ]
