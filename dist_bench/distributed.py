@@ -17,17 +17,23 @@ import atexit
 import datetime
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600
 
 
+_alone = False  # set while rank 0 runs a stage by itself (alone())
+
+
 def _group() -> Any | None:
     """torch.distributed when a process group of more than one rank is up, else None."""
     import torch.distributed as dist
 
+    if _alone:
+        return None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist
     return None
@@ -99,6 +105,19 @@ def my_share(items: Sequence[T]) -> list[T]:
     """This rank's work units: every world_size-th, from its rank on. The units and what each writes do
     not depend on the world size, only who computes them."""
     return list(items[rank() :: world_size()])
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Rank 0 working by itself (a stage that is not data-parallel, while the others wait): inside, the
+    functions here act as in a one-process run, so a shared helper (my_share, broadcast) does not wait for
+    ranks that are not there."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -27,7 +27,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -323,7 +323,9 @@ def execute_stage(
             if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
                 shutil.rmtree(stage_dir)
                 stage_dir.mkdir(parents=True)
-            result = _run(parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured)
+            result = _run(
+                parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured, data_parallel
+            )
             distributed.broadcast({"fingerprints": result.fingerprints,
                                    "outputs": {name: str(path) for name, path in result.outputs.items()}})  # fmt: skip
     parent.stages.append(result)
@@ -340,6 +342,7 @@ def _run(
     work: Callable[[StageContext], StageWork],
     tags: dict[str, str],
     gpu_unmeasured: str | None = None,
+    data_parallel: bool = False,
 ) -> StageResult:
     cfg = parent.cfg
     interrupted = _interrupted_attempts(key)
@@ -380,7 +383,8 @@ def _run(
         )
         with window:
             ctx = StageContext(stage, run_id, stage_dir, window, prior, attempt)
-            done = work(ctx)
+            with nullcontext() if data_parallel else distributed.alone():
+                done = work(ctx)
         energy = prior + window.reading if prior else window.reading
         metrics = {**stage_metrics(energy, done.tokens), **done.metrics}
         if done.energy_split is not None:

@@ -111,6 +111,21 @@ def test_a_cache_interrupted_in_one_process_resumes_on_two(
     assert stage.data.metrics["duration_s"] > first["reading"]["duration_s"] > 0
 
 
+def test_two_ranks_generate_the_same_set_as_one_process(workdir: Path) -> None:
+    generate = [*SMALL, "pipeline=sft", "generation.enabled=true", "generation.max_prompts=40",
+                "generation.shard_size=8", "generation.batch_size=4", "generation.max_new_tokens=12",
+                "generation.temperature=1.0", "generation.n=2"]  # fmt: skip  # seeded sampling
+    reference = pipeline.generate(load_config(None, [*generate, f"output.run_dir={workdir / 'one'}"]))
+    folder = reference.stages[0].outputs["generation"]
+    expected = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert len([p for p in expected if p.parts[0] == "shards"]) == 5
+
+    done = dist_bench("generate", "--nproc", "2", *generate, f"output.run_dir={workdir / 'two'}", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = next(p for p in (workdir / "two" / "teacher_generation").iterdir() if p.is_dir()) / "generation"
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == expected
+
+
 def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignored(tmp_path: Path) -> None:
     def reading(seconds: float, gpu: str, joules: float) -> EnergyReading:
         return EnergyReading(duration_s=seconds, gpu_energy_j=joules, per_gpu_j={gpu: joules}, gpus=(gpu,),

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_bench import models
+from dist_bench import distributed, models
 from dist_bench.config import DataConfig, ModelSpec, RunConfig, flatten
 from dist_bench.dataset import data_fingerprint, read_records
 from dist_bench.errors import DataError
@@ -57,6 +57,8 @@ def run(parent: ParentRun) -> StageResult:
             load_writer(cfg, cfg.teacher, out / "api-samples", device), cfg, out, ctx.commit_energy
         )
 
+    # A local teacher writes shards on every rank; an API teacher is one client (its budget and pace are
+    # one process's), and the server behind it is what scales.
     return execute_stage(
         parent,
         STAGE,
@@ -64,6 +66,7 @@ def run(parent: ParentRun) -> StageResult:
         work,
         tags=stage_tags(cfg),
         gpu_unmeasured=unmeasured_gpu(cfg),
+        data_parallel=cfg.teacher.api is None,
     )
 
 
@@ -146,6 +149,8 @@ def generate(
     rows = write_shards(
         teacher, prompts, decoding, seed_of(cfg), shard_dir, gen.shard_size, on_shard_committed
     )
+    if not distributed.is_main():  # its shards are written; rank 0 filters, writes the set and logs
+        return StageWork(tokens=0, outputs={}, fingerprints={})
     n_shards = shard_count(len(prompts), gen.shard_size)
     kept, report = apply_filters([_generated(row) for row in rows], gen.filters)
     kept_keys = {(g.prompt_id, g.sample) for g in kept}
@@ -207,16 +212,22 @@ def write_shards(
 ) -> list[dict]:
     """Every missing shard of `writer`'s completions of `prompts`, then all rows, in shard order. A shard
     is written whole (temporary name, then renamed), so one that exists is complete and is not redone.
-    `writer` None: every shard exists already (see shards_complete; a resumed stage need not load it)."""
+    `writer` None: every shard exists already (see shards_complete; a resumed stage need not load it).
+    Under several ranks each writes every world_size-th missing shard (rank 0's list) and all wait for the
+    last: a shard's rows depend on its prompts and the seed only, so the set is one process's."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = shard_count(len(prompts), shard_size)
     chunks = [prompts[shard * shard_size : (shard + 1) * shard_size] for shard in range(n_shards)]
     paths = [shard_dir / f"shard-{shard:05d}.jsonl" for shard in range(n_shards)]
-    done = sum(len(chunk) for chunk, path in zip(chunks, paths, strict=True) if path.exists())
-    with Progress(f"{STAGE} ({shard_dir.name})", len(prompts), "prompts", done=done) as progress:
-        for chunk, path in zip(chunks, paths, strict=True):
-            if path.exists():
-                continue
+    missing = distributed.broadcast([shard for shard, path in enumerate(paths) if not path.exists()])
+    mine = distributed.my_share(missing)
+    done = len(prompts) - sum(len(chunks[shard]) for shard in missing)
+    what = f"{STAGE} ({shard_dir.name})" + (
+        f" rank {distributed.rank()}" if distributed.world_size() > 1 else ""
+    )
+    with Progress(what, done + sum(len(chunks[shard]) for shard in mine), "prompts", done=done) as progress:
+        for shard in mine:
+            chunk, path = chunks[shard], paths[shard]
             if writer is None:
                 raise ValueError(f"{path}: missing, and no writer to write it")
             try:
@@ -232,6 +243,7 @@ def write_shards(
             write_atomic(path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode())
             on_shard_committed()
             progress.advance(len(chunk))
+    distributed.barrier()  # every rank's shards are on disk
     return [json.loads(line) for shard in range(n_shards) for line in _shard_lines(shard_dir, shard)]
 
 
