@@ -50,7 +50,12 @@ AliasOption = Annotated[
 ]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
 FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
-DATA_PARALLEL = ("cache_logits", "generate")  # the commands that run on several ranks (--nproc, torchrun)
+DATA_PARALLEL = (
+    "cache_logits",
+    "generate",
+    "kd",
+    "sft",
+)  # the commands that run on several ranks (--nproc, torchrun)
 T = TypeVar("T")
 
 

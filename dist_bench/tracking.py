@@ -224,6 +224,7 @@ def pipeline_run(
             "dist_bench.config_hash": config_hash(recorded),
             "dist_bench.git_commit": commit or "none",
             "dist_bench.git_dirty": str(dirty).lower(),
+            "dist_bench.world_size": str(distributed.world_size()),  # processes of the job (distributed.py)
             **liveness.tags(lock),
             **(tags or {}),
         }
@@ -357,6 +358,7 @@ def _run(
         "dist_bench.code_version": params["code_version"],
         "dist_bench.stage_dir": str(stage_dir),
         "dist_bench.resumed": str(prior is not None).lower(),
+        "dist_bench.ranks": str(distributed.world_size() if data_parallel else 1),  # ranks that did the work
         **({"dist_bench.resumed_from": ",".join(interrupted)} if interrupted else {}),
         **(liveness.tags(parent.liveness_lock) if parent.liveness_lock else {}),
         **tags,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dist_bench import models
+from dist_bench import distributed, models
 from dist_bench.config import DataConfig, RunConfig, flatten
 from dist_bench.dataset import DataError, data_fingerprint, load_examples
 from dist_bench.student.trainer import build_trainer, last_complete_checkpoint, plan_counts, plan_steps
@@ -59,7 +59,10 @@ def run(parent: ParentRun, cache: StageResult | None = None, data: DataConfig | 
     def work(ctx: StageContext) -> StageWork:
         return train(cfg, cache.outputs["logit_cache"] if cache is not None else None, ctx)
 
-    return execute_stage(parent, STAGE, params, work, tags={"dist_bench.student": cfg.student.model})
+    # Every rank trains (DDP through the TRL trainer, per_rank_batches), one optimizer step being the plan's.
+    return execute_stage(
+        parent, STAGE, params, work, tags={"dist_bench.student": cfg.student.model}, data_parallel=True
+    )
 
 
 def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWork:
@@ -89,14 +92,18 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     plan = plan_steps(examples, cfg)
     checkpoints = ctx.stage_dir / "checkpoints"
     trainer, callback = build_trainer(cfg, student, tokenizer, examples, plan, checkpoints, ctx, cache)
-    trainer.train(
-        resume_from_checkpoint=str(last) if (last := last_complete_checkpoint(checkpoints)) else None
-    )
+    # rank 0 picks the checkpoint (and removes incomplete ones); every rank resumes from it
+    newest = last_complete_checkpoint(checkpoints) if distributed.is_main() else None
+    trainer.train(resume_from_checkpoint=distributed.broadcast(str(newest) if newest else None))
 
     final_dir = ctx.stage_dir / "final_model"
-    if final_dir.exists():
+    if final_dir.exists() and distributed.is_main():
         shutil.rmtree(final_dir)
+    distributed.barrier()
     trainer.save_model(str(final_dir))  # weights, config and the tokenizer: loadable with from_pretrained
+    distributed.barrier()  # (every rank calls it: under FSDP the weights are gathered; rank 0 writes)
+    if not distributed.is_main():
+        return StageWork(tokens=0, outputs={}, fingerprints={})
     counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)
     newest = last_complete_checkpoint(checkpoints)
     artifacts = {}

@@ -42,6 +42,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.kernels import ChunkedLogProbFunction
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from dist_bench import distributed
 from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import IGNORE, Example
 from dist_bench.progress import Progress
@@ -400,11 +401,13 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
     precision, checkpoints, logging."""
     train, optimizer = cfg.train, cfg.train.optimizer
     cuda = device.type == "cuda"
+    micro_batch, accumulation = per_rank_batches(cfg, distributed.world_size())
     return dict(
         output_dir=str(output_dir),
         max_steps=steps,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        ddp_find_unused_parameters=False,
         learning_rate=optimizer.lr,
         weight_decay=optimizer.weight_decay,
         adam_beta1=optimizer.betas[0],
@@ -432,6 +435,23 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         # Batches go to the GPU from pinned memory without waiting: a blocking copy stops the host until
         # the device has drained its queue, every micro-batch.
         accelerator_config={"non_blocking": cuda},
+    )
+
+
+def per_rank_batches(cfg: RunConfig, ranks: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches per optimizer step) of each of `ranks` data-parallel ranks,
+    so that an optimizer step is the plan's step (train.batch_size x train.grad_accum sequences) whatever
+    the number of ranks: fewer accumulation steps where they divide, else smaller micro-batches. The
+    plan's order is cut into micro-batches of that size and the ranks take them in turn (accelerate's
+    sharding of the trainer's DataLoader), so one step's ranks together see exactly the plan's step."""
+    batch, accumulation = cfg.train.batch_size, cfg.train.grad_accum
+    if accumulation % ranks == 0:
+        return batch, accumulation // ranks
+    if batch % ranks == 0:
+        return batch // ranks, accumulation
+    raise ValueError(
+        f"train.batch_size {batch} x train.grad_accum {accumulation}: {ranks} ranks divide neither, so they "
+        "cannot share an optimizer step evenly"
     )
 
 
