@@ -151,7 +151,7 @@ def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignore
 
 
 def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workdir: Path) -> None:
-    done = dist_bench("dpo", "--nproc", "2", *SMALL, cwd=workdir)
+    done = dist_bench("dpo", "--nproc", "2", *SMALL, "pipeline=dpo", cwd=workdir)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "dist-bench: error: --nproc 2: `dpo` does not run on several processes yet (only: cache_logits, "
