@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL
+from conftest import PROJECT, SMALL
 from dist_bench import models, pipeline
 from dist_bench.config import load_config
 from dist_bench.energy import EnergyReading, committed
@@ -151,7 +151,8 @@ def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignore
 
 
 def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workdir: Path) -> None:
-    done = dist_bench("dpo", "--nproc", "2", *SMALL, "pipeline=dpo", cwd=workdir)
+    config = str(PROJECT / "configs" / "experiments" / "tiny_dpo.yaml")
+    done = dist_bench("dpo", "--nproc", "2", "--config", config, *SMALL, cwd=workdir)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "dist-bench: error: --nproc 2: `dpo` does not run on several processes yet (only: cache_logits, "
