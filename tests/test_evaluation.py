@@ -125,6 +125,19 @@ def test_run_lm_eval_on_both_tasks(root: Path, tmp_path: Path, monkeypatch: pyte
         assert part["config"]["task"] == task
 
 
+def test_a_rank_evaluating_alone_scores_what_one_process_scores(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a multi-process job the eval stage runs on rank 0 alone; lm-eval then gets the model loaded (so it
+    does not go data-parallel), and must score and count exactly as it does on its own."""
+    model = save_model(tiny_llama(), tmp_path / "model")
+    alone = run_tasks(model, eval_config(root), tmp_path / "alone", seed=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # distributed.launched(); no process group is needed to load
+    in_a_job = run_tasks(model, eval_config(root), tmp_path / "job", seed=1)
+    assert in_a_job.metrics == alone.metrics
+    assert (in_a_job.prefill_tokens, in_a_job.decode_tokens) == (alone.prefill_tokens, alone.decode_tokens)
+
+
 def test_token_counts_are_exact(root: Path, tmp_path: Path) -> None:
     # The model always says "\n": each generation stops after one token, and with the byte-level tokenizer
     # (no BOS) a prompt is as many tokens as bytes. A multiple-choice doc is one forward pass over the

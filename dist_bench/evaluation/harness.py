@@ -28,6 +28,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader (0.4.13): `include:`, `!function`
 from lm_eval.utils import handle_non_serializable
 
+from dist_bench import distributed
 from dist_bench.config import EvalConfig
 from dist_bench.evaluation.tasks import ship_nltk_data
 from dist_bench.models import pick_device, pick_dtype, resolve_model
@@ -103,6 +104,21 @@ def load_lm(
     """A model spec (tinyworld:<name>, local or checkpoint dir, Hub id, runs:/ URI) as lm-eval's HF model."""
     _quiet_lm_eval()
     device = pick_device(cfg.device)
+    if distributed.launched():
+        # One rank of a multi-process job, evaluating alone while the others wait: HFLM, given a model
+        # name, turns data-parallel by itself when accelerate sees several processes and GPUs, and would
+        # wait for ranks that are not evaluating. Given a loaded model it stays one process.
+        import transformers
+
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            resolve_model(model), revision=revision, dtype=pick_dtype(dtype, device),
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            resolve_model(model), revision=revision, trust_remote_code=trust_remote_code
+        )
+        return CountingHFLM(pretrained=loaded.to(device).eval(), tokenizer=tokenizer,
+                            batch_size=cfg.batch_size, max_length=cfg.max_length)  # fmt: skip
     return CountingHFLM(
         pretrained=resolve_model(model),
         revision=revision or "main",
