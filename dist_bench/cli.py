@@ -509,6 +509,12 @@ def _distribute(cfg: RunConfig, nproc: int, argv: list[str]) -> None:
         _fail(
             f"--nproc {nproc}: `{argv[0]}` does not run on several processes yet (only: {', '.join(DATA_PARALLEL)})"
         )
+    ranks = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    if argv[0] in ("kd", "sft") and ranks > 1:
+        try:
+            distributed.step_split(cfg.train.batch_size, cfg.train.grad_accum, ranks)
+        except ValueError as err:
+            _fail(str(err))
     if nproc > 1 and not distributed.launched():
         raise typer.Exit(distributed.launch(nproc, argv))
     distributed.init_from_env(cfg.train.device)

@@ -107,6 +107,22 @@ def my_share(items: Sequence[T]) -> list[T]:
     return list(items[rank() :: world_size()])
 
 
+def step_split(batch: int, accumulation: int, ranks: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches per optimizer step) for each of `ranks` data-parallel
+    training ranks, so that an optimizer step is the plan's (train.batch_size x train.grad_accum
+    sequences) whatever the number of ranks: fewer accumulation steps where they divide, else smaller
+    micro-batches. The plan's order is cut into micro-batches of that size and the ranks take them in turn
+    (accelerate's sharding of the trainer's DataLoader), so one step's ranks see exactly the plan's step."""
+    if accumulation % ranks == 0:
+        return batch, accumulation // ranks
+    if batch % ranks == 0:
+        return batch // ranks, accumulation
+    raise ValueError(
+        f"train.batch_size {batch}, train.grad_accum {accumulation}: {ranks} processes divide neither, so "
+        "they cannot share an optimizer step evenly"
+    )
+
+
 @contextmanager
 def alone() -> Iterator[None]:
     """Rank 0 working by itself (a stage that is not data-parallel, while the others wait): inside, the

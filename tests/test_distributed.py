@@ -175,7 +175,7 @@ def test_two_ranks_train_the_weights_one_process_trains_with_the_same_global_bat
     workdir: Path, method: str, split: str
 ) -> None:
     """grad_accum 2: each rank runs one micro-batch of 8 per step; grad_accum 1: each runs a micro-batch of
-    4 (per_rank_batches). Either way a step is the plan's 8 x grad_accum sequences."""
+    4 (distributed.step_split). Either way a step is the plan's 8 x grad_accum sequences."""
     overrides = [*SMALL, f"pipeline={method}", "eval.limit=4", split]
     cfg = load_config(None, [*overrides, f"output.run_dir={workdir / 'one'}"])
     getattr(pipeline, method)(cfg)
@@ -193,3 +193,14 @@ def test_two_ranks_train_the_weights_one_process_trains_with_the_same_global_bat
         assert (got[name] - weight).abs().max() <= 1e-5 * max(1.0, float(weight.abs().max())), name
     moved = max(float((expected[n] - initial[n]).abs().max()) for n in expected if n in initial)
     assert moved > 1e-3  # the training did change the weights: the comparison is not of two copies
+
+
+def test_ranks_that_cannot_share_a_step_are_refused_before_anything_starts(workdir: Path) -> None:
+    done = dist_bench("sft", "--nproc", "3", *SMALL, "pipeline=sft", "train.batch_size=4", "train.grad_accum=2",
+                      f"output.run_dir={workdir / 'runs'}", cwd=workdir)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dist-bench: error: train.batch_size 4, train.grad_accum 2: 3 processes divide neither, so they cannot "
+        "share an optimizer step evenly"
+    ]
+    assert not (workdir / "runs").exists()

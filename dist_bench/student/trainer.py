@@ -401,7 +401,9 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
     precision, checkpoints, logging."""
     train, optimizer = cfg.train, cfg.train.optimizer
     cuda = device.type == "cuda"
-    micro_batch, accumulation = per_rank_batches(cfg, distributed.world_size())
+    micro_batch, accumulation = distributed.step_split(
+        train.batch_size, train.grad_accum, distributed.world_size()
+    )
     return dict(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -435,23 +437,6 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         # Batches go to the GPU from pinned memory without waiting: a blocking copy stops the host until
         # the device has drained its queue, every micro-batch.
         accelerator_config={"non_blocking": cuda},
-    )
-
-
-def per_rank_batches(cfg: RunConfig, ranks: int) -> tuple[int, int]:
-    """(sequences per micro-batch, micro-batches per optimizer step) of each of `ranks` data-parallel ranks,
-    so that an optimizer step is the plan's step (train.batch_size x train.grad_accum sequences) whatever
-    the number of ranks: fewer accumulation steps where they divide, else smaller micro-batches. The
-    plan's order is cut into micro-batches of that size and the ranks take them in turn (accelerate's
-    sharding of the trainer's DataLoader), so one step's ranks together see exactly the plan's step."""
-    batch, accumulation = cfg.train.batch_size, cfg.train.grad_accum
-    if accumulation % ranks == 0:
-        return batch, accumulation // ranks
-    if batch % ranks == 0:
-        return batch // ranks, accumulation
-    raise ValueError(
-        f"train.batch_size {batch} x train.grad_accum {accumulation}: {ranks} ranks divide neither, so they "
-        "cannot share an optimizer step evenly"
     )
 
 
