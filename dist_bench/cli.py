@@ -50,12 +50,8 @@ AliasOption = Annotated[
 ]
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
 FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
-DATA_PARALLEL = (
-    "cache_logits",
-    "generate",
-    "kd",
-    "sft",
-)  # the commands that run on several ranks (--nproc, torchrun)
+# the commands that run on several ranks (--nproc, torchrun)
+DATA_PARALLEL = ("cache_logits", "generate", "kd", "sft", "dpo")
 T = TypeVar("T")
 
 
@@ -510,7 +506,7 @@ def _distribute(cfg: RunConfig, nproc: int, argv: list[str]) -> None:
             f"--nproc {nproc}: `{argv[0]}` does not run on several processes yet (only: {', '.join(DATA_PARALLEL)})"
         )
     ranks = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    if argv[0] in ("kd", "sft") and ranks > 1:
+    if argv[0] in ("kd", "sft", "dpo") and ranks > 1:
         try:
             distributed.step_split(cfg.train.batch_size, cfg.train.grad_accum, ranks)
         except ValueError as err:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from test_dpo import write_pairs
 
 from conftest import PROJECT, SMALL
 from dist_bench import models, pipeline
@@ -152,40 +153,49 @@ def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignore
 
 def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workdir: Path) -> None:
     config = str(PROJECT / "configs" / "experiments" / "tiny_dpo.yaml")
-    done = dist_bench("dpo", "--nproc", "2", "--config", config, *SMALL, cwd=workdir)
+    done = dist_bench("preferences", "--nproc", "2", "--config", config, *SMALL, cwd=workdir)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "dist-bench: error: --nproc 2: `dpo` does not run on several processes yet (only: cache_logits, "
-        "generate, kd, sft)"
+        "dist-bench: error: --nproc 2: `preferences` does not run on several processes yet (only: cache_logits, "
+        "generate, kd, sft, dpo)"
     ]
 
 
-def final_weights(run_dir: Path) -> dict:
+def final_weights(run_dir: Path, method: str) -> dict:
     from safetensors.torch import load_file
 
-    (folder,) = [p for p in (run_dir / "student_train").iterdir() if p.is_dir()]
-    return load_file(str(folder / "final_model" / "model.safetensors"))
+    stage, name = ("dpo_training", "final_policy") if method == "dpo" else ("student_train", "final_model")
+    (folder,) = [p for p in (run_dir / stage).iterdir() if p.is_dir()]
+    return load_file(str(folder / name / "model.safetensors"))
 
 
 @pytest.mark.parametrize(
     ("method", "split"),
-    [("sft", "train.grad_accum=2"), ("sft", "train.grad_accum=1"), ("kd", "train.grad_accum=2")],
+    [
+        ("sft", "train.grad_accum=2"),
+        ("sft", "train.grad_accum=1"),
+        ("kd", "train.grad_accum=2"),
+        ("dpo", "train.grad_accum=2"),
+    ],
 )
 def test_two_ranks_train_the_weights_one_process_trains_with_the_same_global_batch(
     workdir: Path, method: str, split: str
 ) -> None:
     """grad_accum 2: each rank runs one micro-batch of 8 per step; grad_accum 1: each runs a micro-batch of
     4 (distributed.step_split). Either way a step is the plan's 8 x grad_accum sequences."""
-    overrides = [*SMALL, f"pipeline={method}", "eval.limit=4", split]
+    pairs = [f"preferences.path={write_pairs(workdir)}"] if method == "dpo" else []  # the tiny world's
+    overrides = [*SMALL, f"pipeline={method}", "eval.limit=4", split, *pairs]
     cfg = load_config(None, [*overrides, f"output.run_dir={workdir / 'one'}"])
     getattr(pipeline, method)(cfg)
     done = dist_bench(method, "--nproc", "2", *overrides, f"output.run_dir={workdir / 'two'}", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected, got = final_weights(workdir / "one"), final_weights(workdir / "two")
+    expected, got = final_weights(workdir / "one", method), final_weights(workdir / "two", method)
     ranks = {r.data.tags["dist_bench.stage"]: r.data.tags["dist_bench.ranks"] for r in runs_by_role()["stage"]
              if r.data.tags["dist_bench.stage_dir"].startswith(str(workdir / "two"))}  # fmt: skip
     # eval: rank 0 alone, the other waiting
-    assert ranks == {"student_train": "2", "eval": "1", **({"logit_caching": "2"} if method == "kd" else {})}
+    trained = "dpo_training" if method == "dpo" else "student_train"
+    upstream = {"kd": {"logit_caching": "2"}}.get(method, {})
+    assert ranks == {trained: "2", "eval": "1", **upstream}
     initial = models.load_model(cfg.student.model, torch.device("cpu"), "float32").state_dict()
     assert expected.keys() == got.keys()
     for name, weight in expected.items():

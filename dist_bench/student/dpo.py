@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
-from dist_bench import models
+from dist_bench import distributed, models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import data_fingerprint
 from dist_bench.errors import DataError
@@ -88,6 +88,7 @@ def run(parent: ParentRun, generated: StageResult | None = None) -> StageResult:
         params,
         lambda ctx: train(cfg, ctx, pairs),
         tags={"dist_bench.student": cfg.student.model},
+        data_parallel=True,  # every rank trains (DDP through TRL), an optimizer step being the plan's
     )
 
 
@@ -184,9 +185,9 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
     trainer.args.max_steps = len(trainer.plan)
     per_step = (sum(lengths[i] for micro in step for i in micro) for step in trainer.plan)
     trainer.add_callback(BudgetProgress(STAGE, list(itertools.accumulate(per_step))))
-    trainer.train(
-        resume_from_checkpoint=str(last) if (last := last_complete_checkpoint(checkpoints)) else None
-    )
+    # rank 0 picks the checkpoint (and removes incomplete ones); every rank resumes from it
+    newest = last_complete_checkpoint(checkpoints) if distributed.is_main() else None
+    trainer.train(resume_from_checkpoint=distributed.broadcast(str(newest) if newest else None))
 
     heldout_tokens = 0
     if heldout_pairs is not None:  # the trained policy's preferences on pairs it never saw
@@ -194,9 +195,13 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
         heldout_tokens = sum(_pair_tokens(row) for row in trainer.eval_dataset)
 
     final_dir = ctx.stage_dir / "final_policy"
-    if final_dir.exists():
+    if final_dir.exists() and distributed.is_main():
         shutil.rmtree(final_dir)
-    trainer.save_model(str(final_dir))
+    distributed.barrier()
+    trainer.save_model(str(final_dir))  # every rank calls it; rank 0 writes
+    distributed.barrier()
+    if not distributed.is_main():
+        return StageWork(tokens=0, outputs={}, fingerprints={})
     steps = trainer.state.global_step
     policy_tokens = sum(lengths[i] for step in trainer.plan[:steps] for micro in step for i in micro)
     reference_tokens = sum(lengths) if cfg.dpo.precompute_ref_log_probs else policy_tokens
