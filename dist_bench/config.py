@@ -199,13 +199,26 @@ class TrainConfig(Strict):
         ge=1, description="training stops once this many non-padding input tokens have been processed"
     )
     max_steps: int | None = Field(None, ge=1, description="optional hard cap on optimizer steps")
-    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="sequences per micro-batch; an optimizer step is batch_size x grad_accum sequences on any "
+        "number of ranks (each runs a share of them: distributed.step_split)",
+    )
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how several ranks (--nproc, torchrun) train: ddp, each holds the whole student; fsdp, "
+        "FSDP2 shards its parameters, gradients and optimizer state over the ranks (a student that does not "
+        "fit one GPU)",
+    )
     precision: Literal["fp32", "bf16", "bf16_pure"] = Field(
         "fp32",
         description="fp32; bf16 = bf16 autocast over fp32 master weights (CUDA only); bf16_pure = bf16 weights",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the teacher and the student run: auto takes CUDA when torch sees it"
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~20% slower"
     )

@@ -190,6 +190,9 @@ def test_two_ranks_train_the_weights_one_process_trains_with_the_same_global_bat
     done = dist_bench(method, "--nproc", "2", *overrides, f"output.run_dir={workdir / 'two'}", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = final_weights(workdir / "one", method), final_weights(workdir / "two", method)
+    if method != "dpo":
+        (trained,) = (workdir / "two" / "student_train").glob("*/student_train.json")
+        assert json.loads(trained.read_text())["parallelism"] == "ddp"
     ranks = {r.data.tags["dist_bench.stage"]: r.data.tags["dist_bench.ranks"] for r in runs_by_role()["stage"]
              if r.data.tags["dist_bench.stage_dir"].startswith(str(workdir / "two"))}  # fmt: skip
     # eval: rank 0 alone, the other waiting
@@ -214,3 +217,13 @@ def test_ranks_that_cannot_share_a_step_are_refused_before_anything_starts(workd
         "share an optimizer step evenly"
     ]
     assert not (workdir / "runs").exists()
+
+
+def test_fsdp_on_cpu_ranks_is_refused_before_anything_starts(workdir: Path) -> None:
+    done = dist_bench("sft", "--nproc", "2", *SMALL, "pipeline=sft", "train.distributed=fsdp",
+                      f"output.run_dir={workdir / 'runs'}", cwd=workdir)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "dist-bench: error: train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train "
+        "with ddp"
+    ]

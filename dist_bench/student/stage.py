@@ -124,10 +124,18 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
         details={
             "steps": trainer.state.global_step,
             "method": "kd" if cache else "sft",
+            "parallelism": parallelism(trainer),
             "token_counting": TOKEN_COUNTING,
         },
         artifacts=artifacts,
     )
+
+
+def parallelism(trainer: object) -> str:
+    """How the trainer's accelerate ran it: fsdp2, ddp (several ranks) or none (one process)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "fsdp2"
+    return "ddp" if distributed.world_size() > 1 else "none"
 
 
 def check_compatible(manifest: dict, student_tokenizer: object, cfg: RunConfig) -> None:

@@ -410,6 +410,7 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=accumulation,
         ddp_find_unused_parameters=False,
+        **fsdp_arguments(cfg),
         learning_rate=optimizer.lr,
         weight_decay=optimizer.weight_decay,
         adam_beta1=optimizer.betas[0],
@@ -438,6 +439,23 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         # the device has drained its queue, every micro-batch.
         accelerator_config={"non_blocking": cuda},
     )
+
+
+def fsdp_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """train.distributed fsdp on several ranks: FSDP2 through the trainer's accelerate, one unit per
+    decoder layer (the model's `_no_split_modules`), parameters resharded after each forward, the full
+    state dict gathered for saving (so checkpoints and the final model load as usual)."""
+    if cfg.train.distributed != "fsdp" or distributed.world_size() == 1:
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
 
 
 def build_trainer(
