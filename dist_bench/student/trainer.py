@@ -335,6 +335,8 @@ class BudgetProgress(TrainerCallback):
         self.progress: Progress | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not distributed.is_main():  # the ranks train one plan: one line for it, rank 0's
+            return
         total = self.tokens_after[-1] if self.tokens_after else 0
         done = self.tokens_after[state.global_step - 1] if state.global_step else 0  # resumed
         self.progress = Progress(self.stage, total, "tokens", done=done)
