@@ -396,6 +396,9 @@ def _run(
             names = {"total_energy_j": "j_per_generated_token", "gpu_energy_j": "gpu_j_per_generated_token"}
             metrics.update({per: metrics[name] / decode for name, per in names.items() if name in metrics})
         summary = _stage_summary(stage, run_id, started, energy, done, metrics, bool(prior), stage_dir)
+        # this attempt's window (unix s), to check the figure against the GPUs' own counters read outside
+        # the tracker (bench/scale_out.py)
+        summary["energy_window_unix_s"] = [window.started_at, window.ended_at]
         mlflow.log_metrics(metrics)
         mlflow.set_tags(stage_tags(energy))
         mlflow.set_tags(
