@@ -20,9 +20,12 @@ from dist_bench.energy import EnergyReading, committed
 from dist_bench.teacher import logit_cache
 
 
-def cache_files(parent: pipeline.ParentRun) -> dict[Path, bytes]:
-    folder = parent.stages[0].outputs["logit_cache"]
+def files_under(folder: Path) -> dict[Path, bytes]:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def cache_files(parent: pipeline.ParentRun) -> dict[Path, bytes]:
+    return files_under(parent.stages[0].outputs["logit_cache"])
 
 
 def stage_folder(run_dir: Path) -> Path:
@@ -56,9 +59,7 @@ def test_two_ranks_cache_the_same_bytes_as_one_process_in_one_parent_and_one_sta
     )
     assert done.returncode == 0, done.stderr[-3000:]
     folder = stage_folder(workdir / "two")
-    got = {p.relative_to(folder / "logit_cache"): p.read_bytes() for p in (folder / "logit_cache").rglob("*")
-           if p.is_file()}  # fmt: skip
-    assert got == expected
+    assert files_under(folder / "logit_cache") == expected
     # both ranks worked: each committed energy after its shards
     progress = {p.name: json.loads(p.read_text()) for p in folder.glob("energy_progress.rank-*.json")}
     assert sorted(progress) == ["energy_progress.rank-0.json", "energy_progress.rank-1.json"]
@@ -104,9 +105,7 @@ def test_a_cache_interrupted_in_one_process_resumes_on_two(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     folder = stage_folder(workdir / "runs")
-    got = {p.relative_to(folder / "logit_cache"): p.read_bytes() for p in (folder / "logit_cache").rglob("*")
-           if p.is_file()}  # fmt: skip
-    assert got == cache_files(reference)
+    assert files_under(folder / "logit_cache") == cache_files(reference)
     (stage,) = [r for r in runs_by_role()["stage"]
                 if r.info.status == "FINISHED" and r.data.tags["dist_bench.stage_dir"] == str(folder)]  # fmt: skip
     assert stage.data.tags["dist_bench.resumed"] == "true"
@@ -119,14 +118,13 @@ def test_two_ranks_generate_the_same_set_as_one_process(workdir: Path) -> None:
                 "generation.shard_size=8", "generation.batch_size=4", "generation.max_new_tokens=12",
                 "generation.temperature=1.0", "generation.n=2"]  # fmt: skip  # seeded sampling
     reference = pipeline.generate(load_config(None, [*generate, f"output.run_dir={workdir / 'one'}"]))
-    folder = reference.stages[0].outputs["generation"]
-    expected = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    expected = files_under(reference.stages[0].outputs["generation"])
     assert len([p for p in expected if p.parts[0] == "shards"]) == 5
 
     done = dist_bench("generate", "--nproc", "2", *generate, f"output.run_dir={workdir / 'two'}", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = next(p for p in (workdir / "two" / "teacher_generation").iterdir() if p.is_dir()) / "generation"
-    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == expected
+    assert files_under(folder) == expected
 
 
 def test_committed_energy_of_several_ranks_is_folded_once_and_stale_files_ignored(tmp_path: Path) -> None:
