@@ -507,23 +507,12 @@ def _distribute(cfg: RunConfig, nproc: int, argv: list[str]) -> None:
         )
     ranks = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     if argv[0] in ("kd", "sft", "dpo") and ranks > 1:
-        try:
-            distributed.step_split(cfg.train.batch_size, cfg.train.grad_accum, ranks)
-        except ValueError as err:
-            _fail(str(err))
-        if cfg.train.distributed == "fsdp" and _device(cfg.train.device) == "cpu":
-            _fail(
-                "train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train with ddp"
-            )
+        from dist_bench.preflight import training_ranks
+
+        _guarded(lambda: training_ranks(cfg, ranks))
     if nproc > 1 and not distributed.launched():
         raise typer.Exit(distributed.launch(nproc, argv))
     distributed.init_from_env(cfg.train.device)
-
-
-def _device(requested: str) -> str:
-    import torch
-
-    return "cuda" if requested != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def _config_args(config: Path | None, overrides: list[str] | None) -> list[str]:

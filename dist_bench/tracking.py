@@ -318,8 +318,7 @@ def execute_stage(
         )
         if earlier is not None:
             result = _reuse(parent, stage, earlier, stage_dir)
-            distributed.broadcast({"reused": True, "run_id": result.run_id, "fingerprints": result.fingerprints,
-                                   "outputs": {name: str(path) for name, path in result.outputs.items()}})  # fmt: skip
+            distributed.broadcast({"reused": True, "run_id": result.run_id})
         else:
             if (stage_dir / DONE).exists():  # complete outputs but no run to take their cost from
                 shutil.rmtree(stage_dir)
@@ -327,8 +326,8 @@ def execute_stage(
             result = _run(
                 parent, stage, key, params, stage_dir, work, tags or {}, gpu_unmeasured, data_parallel
             )
-            distributed.broadcast({"fingerprints": result.fingerprints,
-                                   "outputs": {name: str(path) for name, path in result.outputs.items()}})  # fmt: skip
+    # what later stages read: rank 0's record of the outputs (_follow_stage)
+    distributed.broadcast((result.outputs, result.fingerprints))
     parent.stages.append(result)
     rollup.log_stage(parent, result)
     return result
@@ -439,11 +438,8 @@ def _follow_stage(
         with window:
             if data_parallel:
                 work(StageContext(stage, decision["run_id"], stage_dir, window, None, decision["attempt"]))
-        decision.update(distributed.broadcast(None))
-    outputs = {name: Path(path) for name, path in decision["outputs"].items()}
-    result = StageResult(
-        stage, decision["run_id"], decision["reused"], outputs, decision["fingerprints"], {}, {}
-    )
+    outputs, fingerprints = distributed.broadcast(None)
+    result = StageResult(stage, decision["run_id"], decision["reused"], outputs, fingerprints, {}, {})
     parent.stages.append(result)
     return result
 

@@ -46,13 +46,14 @@ from dist_bench.preflight.store import (
     device,
     tracking_store,
     tracking_uri,
+    training_ranks,
     writable_dir,
 )
 
 __all__ = [
     "DEFAULT_TRACKING_URI", "PIPELINES", "Check", "DataScan", "ModelFacts", "ModelSource", "PreflightError",
     "cache_logits", "data_records", "evaluate", "generate", "kd", "model_facts", "model_source",
-    "planned_cache_bytes", "preferences", "prerun", "report", "run", "sft", "tracking_uri",
+    "planned_cache_bytes", "preferences", "prerun", "report", "run", "sft", "tracking_uri", "training_ranks",
 ]  # fmt: skip
 
 PIPELINES = ("kd", "sft", "dpo", "generate", "preferences", "cache_logits", "eval", "prerun", "report")

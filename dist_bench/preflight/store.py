@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dist_bench.config import RunConfig
 from dist_bench.preflight.base import Check, PreflightError
 from dist_bench.redact import redact
 
@@ -152,3 +153,23 @@ def device(field: str, requested: str) -> Check:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name(0) if requested == "cuda" else "CPU"
     return Check(field, f"{requested} ({name})")
+
+
+def training_ranks(cfg: RunConfig, ranks: int) -> Check:
+    """Several training ranks (--nproc, torchrun): they can share an optimizer step evenly, and FSDP (which
+    accelerate applies over GPUs only) has GPUs to shard over."""
+    import torch
+
+    from dist_bench.distributed import step_split
+
+    try:
+        micro, accumulation = step_split(cfg.train.batch_size, cfg.train.grad_accum, ranks)
+    except ValueError as err:
+        raise PreflightError(str(err)) from None
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    if cfg.train.distributed == "fsdp" and not cuda:
+        raise PreflightError(
+            "train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train with ddp"
+        )
+    return Check("train.distributed", f"{cfg.train.distributed} on {ranks} ranks, each {accumulation} "
+                 f"micro-batch(es) of {micro} per step")  # fmt: skip

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +38,9 @@ from dist_bench.generation.pairs import read_pairs
 from dist_bench.student.trainer import (
     BudgetProgress,
     PlannedOrder,
-    last_complete_checkpoint,
     plan_by_length,
+    resume_point,
+    save_final,
     shared_arguments,
 )
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
@@ -185,9 +185,7 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
     trainer.args.max_steps = len(trainer.plan)
     per_step = (sum(lengths[i] for micro in step for i in micro) for step in trainer.plan)
     trainer.add_callback(BudgetProgress(STAGE, list(itertools.accumulate(per_step))))
-    # rank 0 picks the checkpoint (and removes incomplete ones); every rank resumes from it
-    newest = last_complete_checkpoint(checkpoints) if distributed.is_main() else None
-    trainer.train(resume_from_checkpoint=distributed.broadcast(str(newest) if newest else None))
+    trainer.train(resume_from_checkpoint=resume_point(checkpoints))
 
     heldout_tokens = 0
     if heldout_pairs is not None:  # the trained policy's preferences on pairs it never saw
@@ -195,11 +193,7 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
         heldout_tokens = sum(_pair_tokens(row) for row in trainer.eval_dataset)
 
     final_dir = ctx.stage_dir / "final_policy"
-    if final_dir.exists() and distributed.is_main():
-        shutil.rmtree(final_dir)
-    distributed.barrier()
-    trainer.save_model(str(final_dir))  # every rank calls it; rank 0 writes
-    distributed.barrier()
+    save_final(trainer, final_dir)
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
     steps = trainer.state.global_step

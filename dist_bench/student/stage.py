@@ -15,13 +15,19 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from dist_bench import distributed, models
 from dist_bench.config import DataConfig, RunConfig, flatten
 from dist_bench.dataset import DataError, data_fingerprint, load_examples
-from dist_bench.student.trainer import build_trainer, last_complete_checkpoint, plan_counts, plan_steps
+from dist_bench.student.trainer import (
+    build_trainer,
+    last_complete_checkpoint,
+    plan_counts,
+    plan_steps,
+    resume_point,
+    save_final,
+)
 from dist_bench.teacher.cache_format import open_cache
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
 
@@ -92,16 +98,10 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     plan = plan_steps(examples, cfg)
     checkpoints = ctx.stage_dir / "checkpoints"
     trainer, callback = build_trainer(cfg, student, tokenizer, examples, plan, checkpoints, ctx, cache)
-    # rank 0 picks the checkpoint (and removes incomplete ones); every rank resumes from it
-    newest = last_complete_checkpoint(checkpoints) if distributed.is_main() else None
-    trainer.train(resume_from_checkpoint=distributed.broadcast(str(newest) if newest else None))
+    trainer.train(resume_from_checkpoint=resume_point(checkpoints))
 
     final_dir = ctx.stage_dir / "final_model"
-    if final_dir.exists() and distributed.is_main():
-        shutil.rmtree(final_dir)
-    distributed.barrier()
-    trainer.save_model(str(final_dir))  # weights, config and the tokenizer: loadable with from_pretrained
-    distributed.barrier()  # (every rank calls it: under FSDP the weights are gathered; rank 0 writes)
+    save_final(trainer, final_dir)
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
     counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)

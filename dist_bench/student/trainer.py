@@ -493,6 +493,23 @@ def _tokens_after(plan: list[list[list[int]]], examples: list[Example]) -> list[
     return list(itertools.accumulate(per_step))
 
 
+def resume_point(output_dir: Path) -> str | None:
+    """The checkpoint every rank resumes from: rank 0 picks it (and removes incomplete ones), the others
+    are told."""
+    newest = last_complete_checkpoint(output_dir) if distributed.is_main() else None
+    return distributed.broadcast(str(newest) if newest else None)
+
+
+def save_final(trainer: Any, final_dir: Path) -> None:  # a StudentTrainer or the DPO trainer
+    """The trained model (weights, config, tokenizer: loadable with from_pretrained) in final_dir, replacing
+    an earlier attempt's. Every rank calls it (under FSDP the weights are gathered); rank 0 writes."""
+    if final_dir.exists() and distributed.is_main():
+        shutil.rmtree(final_dir)
+    distributed.barrier()
+    trainer.save_model(str(final_dir))
+    distributed.barrier()
+
+
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint-N whose trainer_state.json (written last by HF's Trainer) exists; incomplete
     ones, left by a kill in the middle of a save, are removed so that the resume cannot pick them."""
