@@ -1,7 +1,7 @@
 """The kd pipeline on one and on two GPUs: student_train's throughput, and every stage's energy against the
 GPUs' own counters read here, outside the tracker (issue 16).
 
-    python bench/scale_out.py --out $OUT             (nvidia-h200-x2; results: docs/benchmarks.md)
+    python bench/scale_out.py --out $OUT --fsdp      (nvidia-h200-x2; results: docs/benchmarks.md)
     python bench/scale_out.py --out /tmp/s --smoke   (CPU, gloo ranks, tiny shapes: checks the code paths)
 
 Models, written under --out: a Qwen2-0.5B-shaped student and a teacher of the same shape (random init, tied
@@ -99,12 +99,12 @@ class CounterReader:
         return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
 
 
-def run_pipeline(nproc: int, config: Path, out: Path, overrides: list[str]) -> float:
+def run_pipeline(nproc: int, config: Path, out: Path, name: str, overrides: list[str]) -> float:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}",
            "DIST_BENCH_PROGRESS_EVERY_S": "600"}  # fmt: skip
     started = time.time()
     subprocess.run([sys.executable, "-m", "dist_bench", "kd", "--nproc", str(nproc), "--config", str(config),
-                    *overrides, f"output.run_dir={out / f'runs-{nproc}'}"], env=env, check=True, cwd=PROJECT)  # fmt: skip
+                    *overrides, f"output.run_dir={out / f'runs-{name}'}"], env=env, check=True, cwd=PROJECT)  # fmt: skip
     return time.time() - started
 
 
@@ -116,6 +116,7 @@ def stage_figures(run_dir: Path, counters: CounterReader | None) -> dict[str, An
             continue
         figures = {k: summary["metrics"].get(k) for k in ("tokens_per_s", "gpu_energy_j", "duration_s")}
         figures["gpus"] = summary["energy"].get("gpus", [])
+        figures["parallelism"] = summary.get("parallelism")
         if counters is not None and figures["gpu_energy_j"] is not None:
             start, end = summary["energy_window_unix_s"]
             # the summary names a GPU "<name> (<uuid>)"
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument(
         "--nprocs", default="1,2", help="world sizes to run, in order (1 on a one-GPU machine)"
     )
+    parser.add_argument("--fsdp", action="store_true", help="also 2 ranks with train.distributed=fsdp (GPUs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out
@@ -161,17 +163,25 @@ def main() -> None:
     counters = None if args.smoke else CounterReader()
     results: dict[str, Any] = {"shape": shape, "records": records, "gpus": torch.cuda.device_count()}
     nprocs = [int(n) for n in args.nprocs.split(",")]
-    for nproc in nprocs:
-        results[f"nproc_{nproc}"] = {"wall_s": run_pipeline(nproc, config, work, [])}
-        results[f"nproc_{nproc}"]["stages"] = stage_figures(work / f"runs-{nproc}", counters)
-        print(f"nproc {nproc}", json.dumps(results[f"nproc_{nproc}"]), flush=True)
+    runs = [(f"nproc_{n}", n, str(n), []) for n in nprocs]
+    if args.fsdp:  # FSDP2 through TRL's accelerate: the same budget, the student sharded over the 2 GPUs
+        runs.append(("nproc_2_fsdp", 2, "2-fsdp", ["train.distributed=fsdp"]))
+    for key, nproc, name, overrides in runs:
+        results[key] = {"wall_s": run_pipeline(nproc, config, work, name, overrides)}
+        results[key]["stages"] = stage_figures(work / f"runs-{name}", counters)
+        print(key, json.dumps(results[key]), flush=True)
     if counters is not None:
         counters.stop.set()
     one, two = (results.get(f"nproc_{n}", {}).get("stages", {}).get("student_train", {}).get("tokens_per_s")
                 for n in (1, 2))  # fmt: skip
-    ratios = [s.get("energy_over_counters") for n in nprocs for s in results[f"nproc_{n}"]["stages"].values()]
+    ratios = [s.get("energy_over_counters") for key, *_ in runs for s in results[key]["stages"].values()]
     results["goals"] = {
         "student_train_speedup": two / one if one and two else None,
+        "fsdp_student_train_speedup": (
+            results["nproc_2_fsdp"]["stages"]["student_train"]["tokens_per_s"] / one
+            if args.fsdp and one
+            else None
+        ),
         "speedup_goal": 1.8,
         "worst_energy_over_counters": max((abs(r - 1) for r in ratios if r is not None), default=None),
         "energy_goal": 0.01,
