@@ -51,7 +51,7 @@ AliasOption = Annotated[
 Overrides = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.optimizer.lr=1e-3")]
 FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
 # the commands that run on several ranks (--nproc, torchrun)
-DATA_PARALLEL = ("cache_logits", "generate", "kd", "sft", "dpo")
+DATA_PARALLEL = ("cache_logits", "generate", "kd", "sft", "dpo", "eval")
 T = TypeVar("T")
 
 
@@ -132,6 +132,7 @@ def _student_pipeline(
         _fail("--register: one model per command; register a sweep's points with `dist-bench register --run`")
     if alias is not None and register is None:
         _fail("--alias: needs --register <name>")
+    _one_gpu(nproc)
     cfg = _load(config, overrides)
     checks = None if ablations else _preflight(cfg, name)  # before the heavy imports: bad input fails fast
     flags = (["--ablations"] if ablations else []) + (["--register", register] if register else [])
@@ -215,6 +216,7 @@ def generate(
     nproc: NprocOption = 1,
 ) -> None:
     """The teacher writes completions for the data's prompts, filtered (a later sft with the same settings reuses it)."""
+    _one_gpu(nproc)
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "generate")
     if dry_run:
@@ -253,6 +255,7 @@ def _generation_plan(cfg: RunConfig) -> str:
 @app.command("preferences")
 def preferences(config: ConfigOption = None, overrides: Overrides = None, nproc: NprocOption = 1) -> None:
     """The teacher builds preference pairs (preferences.method); a later dpo with the same settings reuses them."""
+    _one_gpu(nproc)
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "preferences")
     _distribute(cfg, nproc, ["preferences", *_config_args(config, overrides)])
@@ -264,6 +267,7 @@ def preferences(config: ConfigOption = None, overrides: Overrides = None, nproc:
 @app.command("cache_logits")
 def cache_logits(config: ConfigOption = None, overrides: Overrides = None, nproc: NprocOption = 1) -> None:
     """Cache the teacher's top-k log-probs over the training set (the kd pipeline reuses it)."""
+    _one_gpu(nproc)
     cfg = _load(config, overrides)
     checks = _preflight(cfg, "cache_logits")
     _distribute(cfg, nproc, ["cache_logits", *_config_args(config, overrides)])
@@ -303,9 +307,11 @@ def eval_(
     ] = False,
     dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16")] = "auto",
     overrides: Overrides = None,
+    nproc: NprocOption = 1,
 ) -> None:
     """Evaluate models on eval.tasks: lm-eval tasks, OLMES, judge benchmarks (per model a parent run with one
-    `eval` stage, each task in its own energy window)."""
+    `eval` stage, each task in its own energy window). With --nproc N, lm-eval splits each task's documents
+    among N ranks; judge benchmarks run on rank 0."""
     flags = [*(overrides or [])]
     if tasks is not None and tasks != "list":
         flags.append(f"eval.tasks={json.dumps([t.strip() for t in tasks.split(',') if t.strip()])}")
@@ -313,6 +319,7 @@ def eval_(
         flags.append(f"eval.limit={max_samples}")
     if run_dir is not None:
         flags.append(f"output.run_dir={json.dumps(str(run_dir))}")
+    _one_gpu(nproc)
     cfg = _load(config, flags)
     if tasks == "list":
         from dist_bench.evaluation.listing import task_table
@@ -331,7 +338,10 @@ def eval_(
             for check in checks:
                 typer.echo(f"  ok  {check.name}: {check.detail}")
         return
-    from dist_bench import pipeline
+    _distribute(
+        cfg, nproc, ["eval", "--model", ",".join(names), "--dtype", dtype, *_config_args(config, flags)]
+    )
+    from dist_bench import distributed, pipeline
 
     if len(names) > 1:
         cfg = _load(config, [*flags, *_detach_from_mlflow_run()])
@@ -340,7 +350,7 @@ def eval_(
         run = _guarded(lambda name=name, checks=checks: pipeline.evaluate(cfg, name, dtype, checks))
         _print_stages(run)
         runs.append(run)
-    if run_dir is not None:
+    if run_dir is not None and distributed.is_main():  # rank 0 reports
         from dist_bench.evaluation.listing import write_benchmark_summary
 
         typer.echo(f"benchmark summary: {write_benchmark_summary(runs, run_dir)}")
@@ -479,6 +489,19 @@ def data_prepare(
         f"{recipe}: {manifest['rows_written']} of {manifest['rows_read']} rows written to "
         f"{out / manifest['output']} (dropped: {dropped})"
     )
+
+
+def _one_gpu(nproc: int) -> None:
+    """A one-process command uses one GPU, the others hidden before CUDA starts (distributed.py says why)."""
+    if nproc > 1:
+        return
+    from dist_bench import distributed
+
+    pinned = distributed.one_gpu_per_process()
+    if pinned is not None:
+        typer.echo(
+            f"dist-bench: one process, one GPU: CUDA_VISIBLE_DEVICES={pinned} (--nproc N: N GPUs)", err=True
+        )
 
 
 def _load(config: Path | None, overrides: list[str] | None) -> RunConfig:

@@ -58,6 +58,43 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def one_gpu_per_process() -> str | None:
+    """A plain one-process run uses one GPU, cuda:0 (every stage's `cuda`): hide the others before CUDA
+    starts. Otherwise transformers' Trainer wraps the student in nn.DataParallel when one process sees
+    several GPUs (TRL's trainers refuse it, as the TRL error says: launch with torchrun or make one GPU
+    visible), and the stage's energy would add the idle neighbours' draw. Returns the CUDA_VISIBLE_DEVICES
+    it set, or None (a rank of a launched job, one GPU or none, or CUDA already started)."""
+    torch = sys.modules.get("torch")
+    if launched() or (torch is not None and torch.cuda.is_initialized()):
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [part.strip() for part in visible.split(",") if part.strip()]
+        if len(ids) <= 1:
+            return None
+        first = ids[0]
+    else:
+        if _nvml_gpu_count() <= 1:
+            return None
+        first = "0"  # CUDA's device 0 in its own order: the GPU cuda:0 would have been
+    os.environ["CUDA_VISIBLE_DEVICES"] = first
+    return first
+
+
+def _nvml_gpu_count() -> int:
+    # NVML, not torch.cuda.device_count(): the CUDA driver reads CUDA_VISIBLE_DEVICES once, when it starts.
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no NVML: no GPU to hide
+        return 0
+
+
 def init_from_env(device: str) -> None:
     """Join the launcher's process group (once): NCCL when `device` (train.device) puts ranks on CUDA GPUs,
     each on GPU LOCAL_RANK; gloo otherwise."""
@@ -93,6 +130,16 @@ def broadcast(value: T | None) -> T:
     box = [value if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[return-value]
+
+
+def all_gather(value: T) -> list[T]:
+    """Every rank's value, in rank order, on every rank ([value] in one process)."""
+    dist = _group()
+    if dist is None:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:

@@ -159,6 +159,59 @@ def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workd
     ]
 
 
+def test_a_one_process_run_shows_torch_one_of_the_gpus_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers' Trainer turns to nn.DataParallel when one process sees several GPUs, which TRL's trainers
+    # refuse; the first GPU given is the one `cuda` would have meant
+    from dist_bench import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert distributed.one_gpu_per_process() == "3"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert distributed.one_gpu_per_process() is None  # one GPU: nothing to hide
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a launched job: its launcher placed it
+    assert distributed.one_gpu_per_process() is None
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+
+
+def test_the_cli_says_which_gpu_a_one_process_command_uses(workdir: Path) -> None:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1,0"}
+    done = subprocess.run([sys.executable, "-m", "dist_bench", "eval", "--tasks", "list"], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "dist-bench: one process, one GPU: CUDA_VISIBLE_DEVICES=1 (--nproc N: N GPUs)" in done.stderr
+
+
+def test_two_ranks_evaluate_what_one_process_scores_in_one_parent_and_one_stage_run(workdir: Path) -> None:
+    # 9 documents: lm-eval gives the ranks 5 and 4, and pads the second with a repeated request
+    common = ["eval", "--model", "tinyworld:teacher", "--max-samples", "9"]
+    one = dist_bench(*common, f"output.run_dir={workdir / 'one'}", cwd=workdir)
+    assert one.returncode == 0, one.stderr[-3000:]
+    before = {run.info.run_id for runs in runs_by_role().values() for run in runs}
+    two = dist_bench(*common, "--nproc", "2", f"output.run_dir={workdir / 'two'}", cwd=workdir)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("parent run:") == 1  # rank 0 reports
+
+    new = {role: [r for r in runs if r.info.run_id not in before] for role, runs in runs_by_role().items()}
+    (parent,), (stage,) = new["pipeline"], new["stage"]
+    assert parent.data.tags["dist_bench.world_size"] == stage.data.tags["dist_bench.ranks"] == "2"
+    (reference,) = [r for r in runs_by_role()["stage"] if r.info.run_id in before]
+    scores = {k: v for k, v in reference.data.metrics.items() if k.startswith("eval/") and "/" in k[5:]}
+    assert {"eval/tiny_arith/exact_match", "eval/tiny_mc/acc"} <= scores.keys()
+    quality = [
+        k for k in scores if k.rsplit("/", 1)[1] not in ("tokens", "duration_s", "energy_j", "j_per_token")
+    ]
+    assert {k: stage.data.metrics[k] for k in quality} == {k: scores[k] for k in quality}
+    # the ranks split the documents (each reading all of them would be twice the tokens); the padded request
+    # is work done, so at least the one-process tokens
+    assert 1 <= stage.data.metrics["prefill_tokens"] / reference.data.metrics["prefill_tokens"] < 1.3
+    (folder,) = [p for p in (workdir / "two" / "eval").iterdir() if p.is_dir()]
+    assert (folder / "energy_progress.rank-1.json").exists()  # rank 1 committed after each task
+    per_task = [json.loads(p.read_text()) for p in (workdir / "two" / "eval").glob("*/tasks_done/*.json")]
+    assert sorted(r["task"] for r in per_task) == ["tiny_arith", "tiny_mc"]
+
+
 def final_weights(run_dir: Path, method: str) -> dict:
     from safetensors.torch import load_file
 
@@ -193,10 +246,9 @@ def test_two_ranks_train_the_weights_one_process_trains_with_the_same_global_bat
         assert json.loads(trained.read_text())["parallelism"] == "ddp"
     ranks = {r.data.tags["dist_bench.stage"]: r.data.tags["dist_bench.ranks"] for r in runs_by_role()["stage"]
              if r.data.tags["dist_bench.stage_dir"].startswith(str(workdir / "two"))}  # fmt: skip
-    # eval: rank 0 alone, the other waiting
     trained = "dpo_training" if method == "dpo" else "student_train"
     upstream = {"kd": {"logit_caching": "2"}}.get(method, {})
-    assert ranks == {trained: "2", "eval": "1", **upstream}
+    assert ranks == {trained: "2", "eval": "2", **upstream}
     initial = models.load_model(cfg.student.model, torch.device("cpu"), "float32").state_dict()
     assert expected.keys() == got.keys()
     for name, weight in expected.items():

@@ -93,6 +93,23 @@ class CountingHFLM(HFLM):
         self.decode_tokens += int((new != pad).sum()) if pad is not None else new.numel()
         return output
 
+    # lm-eval's data-parallel evaluation (its evaluator gives each rank every world_size-th document, pads
+    # the ranks to equal request counts, and gathers the per-document scores on rank 0) needs these
+    # collectives. HFLM implements them with the accelerate state it builds only from a model name; the
+    # ranks here are the job's process group (distributed.py), so they are torch.distributed's, which is
+    # what lm-eval's LM base class asks an integration to provide. gather_object is HFLM's own.
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size <= 1:
+            return tensor
+        part = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, part)
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
 
 def load_lm(
     model: str,
@@ -105,9 +122,9 @@ def load_lm(
     _quiet_lm_eval()
     device = pick_device(cfg.device)
     if distributed.launched():
-        # One rank of a multi-process job, evaluating alone while the others wait: HFLM, given a model
-        # name, turns data-parallel by itself when accelerate sees several processes and GPUs, and would
-        # wait for ranks that are not evaluating. Given a loaded model it stays one process.
+        # A rank of a multi-process job. Given a model *name*, HFLM builds its own accelerate state and goes
+        # data-parallel over every process it sees; given the loaded model, it takes the ranks run_lm_eval
+        # names: the job's (lm-eval tasks), or rank 0 alone (judge benchmarks, while the others wait).
         import transformers
 
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
@@ -133,8 +150,13 @@ def load_lm(
 def run_lm_eval(
     lm: CountingHFLM, name: str, manager: TaskManager, cfg: EvalConfig, output_dir: Path, seed: int = 42
 ) -> EvalOutcome:
-    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's."""
+    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's.
+
+    In a multi-process job every rank calls this: lm-eval splits the documents among the ranks and rank 0
+    gets the scores (and writes them); the token counts are every rank's, summed, on every rank."""
     _quiet_lm_eval()
+    # the job's ranks, or rank 0 alone (distributed.alone()); in one process (0, 1), as HFLM set them
+    lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
     prefill, decode = lm.prefill_tokens, lm.decode_tokens
     raw = simple_evaluate(
         model=lm,
@@ -148,13 +170,17 @@ def run_lm_eval(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    counts = distributed.all_gather((lm.prefill_tokens - prefill, lm.decode_tokens - decode))
+    prefill_tokens, decode_tokens = (sum(column) for column in zip(*counts, strict=True))
+    if raw is None:  # a rank other than 0: its scores went to rank 0
+        return EvalOutcome(metrics={}, results={}, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
     results = _json_safe({key: value for key, value in raw.items() if key != "samples"})
     write_results(results, Path(output_dir))
     return EvalOutcome(
         metrics=flat_metrics(results),
         results=results,
-        prefill_tokens=lm.prefill_tokens - prefill,
-        decode_tokens=lm.decode_tokens - decode,
+        prefill_tokens=prefill_tokens,
+        decode_tokens=decode_tokens,
     )
 
 

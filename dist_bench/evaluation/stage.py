@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
-from dist_bench import models
+from dist_bench import distributed, models
 from dist_bench.config import RunConfig, flatten
 from dist_bench.energy import EnergyReading
+from dist_bench.energy.distributed import combine_ranks
 from dist_bench.evaluation import tasks as task_plan
 from dist_bench.progress import Progress
 from dist_bench.tracking import ParentRun, StageContext, StageResult, StageWork, execute_stage
@@ -81,9 +82,10 @@ def run(parent: ParentRun, model: str, fingerprint: str | None = None, dtype: st
         params,
         lambda ctx: evaluate(cfg, ctx, model, dtype),
         tags={"dist_bench.eval_model": model},
+        data_parallel=True,
     )
-    # the report's quality columns: these tasks' scores, not their subtasks' (mmlu's 57 subjects)
-    MlflowClient().set_tag(parent.run_id, "dist_bench.eval_tasks", ",".join(cfg.eval.tasks))
+    if distributed.is_main():  # the report's quality columns: these tasks' scores, not their subtasks'
+        MlflowClient().set_tag(parent.run_id, "dist_bench.eval_tasks", ",".join(cfg.eval.tasks))
     return result
 
 
@@ -107,11 +109,17 @@ def data_fingerprints(cfg: RunConfig) -> dict[str, str]:
 
 
 def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> StageWork:
+    """Every rank of a job runs this (the stage is data-parallel): lm-eval tasks on all ranks, each scoring
+    its share of the documents; judge benchmarks on rank 0 alone, the others waiting in the next reading.
+    Rank 0 keeps the records; a task's span is every rank's (energy/distributed.py adds them up)."""
     plan = task_plan.resolve(cfg.eval)
     out = ctx.stage_dir / "lm_eval"
     done_dir = ctx.stage_dir / "tasks_done"
-    done_dir.mkdir(parents=True, exist_ok=True)
-    records = {t.name: _read_record(done_dir / f"{t.name}.json") for t in plan.tasks}
+    main = distributed.is_main()
+    if main:
+        done_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0's reading of what earlier attempts finished: every rank skips the same tasks
+    records = distributed.broadcast({t.name: _read_record(done_dir / f"{t.name}.json") for t in plan.tasks})
     lm: CountingHFLM | None = None
     manager = None
     progress = Progress(STAGE, len(plan.tasks), "tasks", done=sum(r is not None for r in records.values()))
@@ -119,13 +127,20 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
         if records[task.name] is not None:
             continue  # finished by an earlier attempt
         if task.kind == "judge":
-            lm = lm or _load_lm(model, cfg, dtype)
             start = _reading(ctx)
-            outcome = _judged(task, lm, cfg, out / task.name)
-            record = _judged_record(task.name, outcome, cfg)
+            record = TaskRecord(task.name, {}, 0, 0, 0, 0.0, None)  # the other ranks' part: their GPUs' wait
+            if main:
+                with distributed.alone():
+                    lm = lm or _load_lm(model, cfg, dtype)
+                    outcome = _judged(task, lm, cfg, out / task.name)
+                record = _judged_record(task.name, outcome, cfg)
         else:
             lm = lm or _load_lm(model, cfg, dtype)
-            manager = manager or task_plan.materialize(plan, ctx.stage_dir)
+            if manager is None:
+                if main:
+                    manager = task_plan.materialize(plan, ctx.stage_dir)
+                distributed.barrier()  # the task YAMLs rank 0 wrote, before the others index them
+                manager = manager or task_plan.materialize(plan, ctx.stage_dir, write=False)
             from dist_bench.evaluation.harness import run_lm_eval
 
             start = _reading(ctx)
@@ -140,7 +155,8 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
         record.span_s = end.duration_s - start.duration_s
         if end.total_energy_j is not None and start.total_energy_j is not None:
             record.span_energy_j = end.total_energy_j - start.total_energy_j
-        _write_record(done_dir / f"{task.name}.json", record)
+        if main:
+            _write_record(done_dir / f"{task.name}.json", record)
         ctx.commit_energy()
         records[task.name] = record
         progress.advance()
@@ -193,12 +209,13 @@ def split_energy(records: list[TaskRecord], energy: EnergyReading) -> dict[str, 
 
 
 def _reading(ctx: StageContext) -> EnergyReading:
-    """The window's figures so far, after the GPU has finished what was queued (a span ends with its work)."""
+    """The window's figures so far, after the GPU has finished what was queued (a span ends with its work):
+    every rank's, combined as at the window's end (a collective: every rank reads at the same points)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-    return ctx.window.read()
+    return combine_ranks(ctx.window.read())
 
 
 def _load_lm(model: str, cfg: RunConfig, dtype: str) -> CountingHFLM:

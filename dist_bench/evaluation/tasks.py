@@ -169,16 +169,18 @@ def resolve(cfg: EvalConfig, names: list[str] | None = None) -> Plan:
     return Plan(tasks, folders)
 
 
-def materialize(plan: Plan, folder: Path) -> Any:
+def materialize(plan: Plan, folder: Path, write: bool = True) -> Any:
     """Write the local-data YAMLs (and subset files) under `folder`; an lm-eval TaskManager that finds them
-    before lm-eval's own (later include paths win in lm-eval's index)."""
+    before lm-eval's own (later include paths win in lm-eval's index). `write=False`: index what another
+    rank wrote there."""
     from lm_eval.tasks import TaskManager
 
     overrides = folder / "task_overrides"
-    overrides.mkdir(parents=True, exist_ok=True)
-    for task in plan.lm_eval_tasks:
-        for leaf in task.leaves:
-            _write_override(leaf, overrides)
+    if write:
+        overrides.mkdir(parents=True, exist_ok=True)
+        for task in plan.lm_eval_tasks:
+            for leaf in task.leaves:
+                _write_override(leaf, overrides)
     # lm-eval warns once per replaced task ("overrides existing task"): the replacing is the point here
     index_log = logging.getLogger("lm_eval.tasks._index")
     level = index_log.level
