@@ -138,6 +138,9 @@ def main() -> None:
         "--nprocs", default="1,2", help="world sizes to run, in order (1 on a one-GPU machine)"
     )
     parser.add_argument("--fsdp", action="store_true", help="also 2 ranks with train.distributed=fsdp (GPUs)")
+    parser.add_argument("--grad-accum", type=int, default=2, help="train.grad_accum: x 8 sequences per step")
+    parser.add_argument("--eval-limit", type=int, default=200, help="documents per eval task (a window of "
+                        "seconds: the energy counter moves every 100 ms)")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out
@@ -154,14 +157,16 @@ def main() -> None:
         "student": {"model": student},
         "data": {"train": str(work / "data.jsonl"), "max_length": 1024},
         "logits": {"top_k": 16, "batch_size": 16, "shard_size": 64},
-        "train": {"token_budget": 20_000 if args.smoke else 3_000_000, "batch_size": 8, "grad_accum": 2,
+        "train": {"token_budget": 20_000 if args.smoke else 3_000_000, "batch_size": 8,
+                  "grad_accum": args.grad_accum,
                   "device": device, "precision": "fp32" if args.smoke else "bf16", "checkpoint_every": 1000},
         "tracking": {"reuse_stages": False},  # each world size runs every stage itself
-        "eval": {"tasks": ["tiny_arith"], "task_dir": str(PROJECT / "configs" / "tasks"), "device": device,
-                 "limit": 8},
+        "eval": {"tasks": ["tiny_arith", "tiny_mc"], "task_dir": str(PROJECT / "configs" / "tasks"),
+                 "device": device, "limit": 8 if args.smoke else args.eval_limit},
     }))  # fmt: skip  # JSON is YAML
     counters = None if args.smoke else CounterReader()
-    results: dict[str, Any] = {"shape": shape, "records": records, "gpus": torch.cuda.device_count()}
+    results: dict[str, Any] = {"shape": shape, "records": records, "gpus": torch.cuda.device_count(),
+                               "global_batch_sequences": 8 * args.grad_accum}  # fmt: skip
     nprocs = [int(n) for n in args.nprocs.split(",")]
     runs = [(f"nproc_{n}", n, str(n), []) for n in nprocs]
     if args.fsdp:  # FSDP2 through TRL's accelerate: the same budget, the student sharded over the 2 GPUs
@@ -170,6 +175,9 @@ def main() -> None:
         results[key] = {"wall_s": run_pipeline(nproc, config, work, name, overrides)}
         results[key]["stages"] = stage_figures(work / f"runs-{name}", counters)
         print(key, json.dumps(results[key]), flush=True)
+        (args.out / "scale_out.json").write_text(
+            json.dumps(results, indent=2)
+        )  # so far, should a later run fail
     if counters is not None:
         counters.stop.set()
     one, two = (results.get(f"nproc_{n}", {}).get("stages", {}).get("student_train", {}).get("tokens_per_s")

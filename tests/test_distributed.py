@@ -155,7 +155,7 @@ def test_a_command_that_is_not_data_parallel_yet_refuses_several_processes(workd
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "dist-bench: error: --nproc 2: `preferences` does not run on several processes yet (only: cache_logits, "
-        "generate, kd, sft, dpo)"
+        "generate, kd, sft, dpo, eval)"
     ]
 
 
