@@ -138,6 +138,7 @@ def main() -> None:
         "--nprocs", default="1,2", help="world sizes to run, in order (1 on a one-GPU machine)"
     )
     parser.add_argument("--fsdp", action="store_true", help="also 2 ranks with train.distributed=fsdp (GPUs)")
+    parser.add_argument("--budget", type=int, default=3_000_000, help="train.token_budget")
     parser.add_argument("--grad-accum", type=int, default=2, help="train.grad_accum: x 8 sequences per step")
     parser.add_argument("--eval-limit", type=int, default=200, help="documents per eval task (a window of "
                         "seconds: the energy counter moves every 100 ms)")  # fmt: skip
@@ -157,7 +158,7 @@ def main() -> None:
         "student": {"model": student},
         "data": {"train": str(work / "data.jsonl"), "max_length": 1024},
         "logits": {"top_k": 16, "batch_size": 16, "shard_size": 64},
-        "train": {"token_budget": 20_000 if args.smoke else 3_000_000, "batch_size": 8,
+        "train": {"token_budget": 20_000 if args.smoke else args.budget, "batch_size": 8,
                   "grad_accum": args.grad_accum,
                   "device": device, "precision": "fp32" if args.smoke else "bf16", "checkpoint_every": 1000},
         "tracking": {"reuse_stages": False},  # each world size runs every stage itself

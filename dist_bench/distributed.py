@@ -106,6 +106,7 @@ def init_from_env(device: str) -> None:
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.set_num_threads(threads_per_rank())
     # The other ranks wait in a collective while rank 0 runs a stage alone (eval, tracking), which can take
     # hours: the default 10-30 minutes would end the job. A failed rank still ends them all: the launcher
     # (torchrun's agent, srun) stops every rank when one exits with an error.
@@ -113,6 +114,17 @@ def init_from_env(device: str) -> None:
         "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     )
     atexit.register(close)
+
+
+def threads_per_rank() -> int:
+    """CPU threads for this rank's torch work: OMP_NUM_THREADS where the user or launcher set it (torchrun
+    sets 1), else this host's cores shared among its ranks. Left to torch, every rank starts a thread per
+    core, and CPU work on the training step's path (the KD collator decodes the teacher cache) then runs
+    oversubscribed: OpenMP's spinning workers wait for each other's descheduled threads."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def close() -> None:

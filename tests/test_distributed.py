@@ -175,6 +175,19 @@ def test_a_one_process_run_shows_torch_one_of_the_gpus_it_was_given(monkeypatch:
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
 
 
+def test_the_ranks_of_a_host_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dist_bench import distributed
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.threads_per_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))  # more ranks than cores: one thread each
+    assert distributed.threads_per_rank() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # torchrun's, or the user's: kept
+    assert distributed.threads_per_rank() == 3
+
+
 def test_the_cli_says_which_gpu_a_one_process_command_uses(workdir: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "1,0"}
     done = subprocess.run([sys.executable, "-m", "dist_bench", "eval", "--tasks", "list"], cwd=workdir, env=env,
