@@ -290,3 +290,35 @@ def test_fsdp_on_cpu_ranks_is_refused_before_anything_starts(workdir: Path) -> N
         "dist-bench: error: train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train "
         "with ddp"
     ]
+
+
+def _window_rank(rank: int, folder: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from dist_bench.config import EnergyConfig
+    from dist_bench.energy import window as window_module
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    own: list = []
+    window_module.combine_ranks = lambda reading: own.append(reading) or reading  # this rank's own figure
+    if rank == 0:
+        time.sleep(0.5)  # rank 0 opens the stage late (it logs the run's params first) ...
+    with window_module.EnergyWindow(EnergyConfig(enabled=False), Path(folder), "stage") as window:
+        if rank == 0:
+            time.sleep(1.0)  # ... and finishes late (it writes the final model)
+    Path(folder, f"rank-{rank}.json").write_text(
+        json.dumps({"started_at": window.started_at, "duration_s": own[0].duration_s})
+    )
+    dist.destroy_process_group()
+
+
+def test_every_rank_measures_the_stage_from_the_same_start_to_the_same_end(tmp_path: Path) -> None:
+    # a rank that follows rank 0, or finishes its share first, still holds its GPU for the job
+    import torch.multiprocessing as mp
+
+    mp.spawn(_window_rank, args=(str(tmp_path),), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert abs(one["started_at"] - zero["started_at"]) < 0.2
+    assert one["duration_s"] > 0.9 and abs(one["duration_s"] - zero["duration_s"]) < 0.2

@@ -17,6 +17,18 @@ if TYPE_CHECKING:  # window.py imports this module
     from dist_bench.energy.window import EnergyReading
 
 
+def align_ranks() -> None:
+    """Wait until every rank of the job is here (a barrier; nothing in one process or on rank 0 alone).
+
+    A stage window opens and closes at one instant on every rank, so that each GPU is measured over the
+    stage's whole span: a rank that finishes its share first (or follows rank 0's stage) still holds its GPU
+    for the job, drawing power, until the last rank is done. Without it the stage missed that draw (1% of
+    a 2-GPU training stage on H200s: rank 0 also writes the final model)."""
+    from dist_bench import distributed
+
+    distributed.barrier()
+
+
 def combine_ranks(reading: EnergyReading) -> EnergyReading:
     """Called by every rank at the end of a stage window (a collective); rank 0 gets the combined figure."""
     import torch.distributed as dist

@@ -27,7 +27,7 @@ from typing import Any
 from dist_bench.config import EnergyConfig
 from dist_bench.energy import rapl
 from dist_bench.energy.cpu import J_PER_KWH, CodeCarbonMeter, GridIntensity, HostEnergy, grid_intensity
-from dist_bench.energy.distributed import combine_ranks
+from dist_bench.energy.distributed import align_ranks, combine_ranks
 from dist_bench.energy.gpu import GpuEnergy, GpuEnergyCounter
 from dist_bench.energy.sampler import PowerSampler, Sample, integrate_energy_j, power_stats, vram_stats
 
@@ -211,6 +211,7 @@ class EnergyWindow:
                 self._grid = grid_intensity(self.cfg.country_iso_code)
             except Exception as err:
                 self._grid_note = f"no grid carbon intensity for {self.cfg.country_iso_code}: {err}"
+        align_ranks()  # every rank's GPU counters start at the same instant
         if self._gpu:
             self._gpu.start()
             nvml, handles, names = self._gpu.devices
@@ -232,6 +233,8 @@ class EnergyWindow:
         try:
             if self._warmup_timer:
                 self._warmup_timer.cancel()
+            if exc[0] is None:  # after a failure the launcher stops the job: no rank waits for the others
+                align_ranks()  # ... and stop together: a rank done first still holds its GPU for the stage
             gpu = self._gpu.stop() if self._gpu else None
             duration = self._elapsed()  # after the GPU synchronised: queued kernels are part of the work
             self.samples = self._sampler.stop() if self._sampler else []
