@@ -19,15 +19,22 @@ from typing import Any, TextIO
 
 class Progress:
     def __init__(
-        self, what: str, total: float, unit: str, done: float = 0.0, stream: TextIO | None = None
+        self,
+        what: str,
+        total: float,
+        unit: str,
+        done: float = 0.0,
+        stream: TextIO | None = None,
+        shown: bool = True,
     ) -> None:
-        self.what, self.total, self.unit, self.done = what, float(total), unit, float(done)
+        """`shown=False`: count, print nothing (a rank doing the same work as rank 0, which reports it)."""
+        self.what, self.total, self.unit, self.done, self.shown = what, float(total), unit, float(done), shown
         self.stream = stream or sys.stderr
         self.every_s = float(os.environ.get("DIST_BENCH_PROGRESS_EVERY_S", "30"))
         self.started = self.last_line = time.monotonic()
         self.at_start = self.done  # work found done (a resumed stage) does not speed up the ETA
         self._bar: Any = None
-        if self.stream.isatty():
+        if shown and self.stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, initial=self.done, unit=unit, desc=what, file=self.stream,
@@ -63,7 +70,8 @@ class Progress:
 
     def _line(self) -> None:
         self.last_line = time.monotonic()
-        print(self.line(), file=self.stream, flush=True)
+        if self.shown:
+            print(self.line(), file=self.stream, flush=True)
 
     def __enter__(self) -> Progress:
         return self

@@ -233,6 +233,18 @@ def test_merge_counts_each_gpu_and_each_host_once() -> None:
     assert merged.duration_s == 12.0
 
 
+def test_merge_adds_the_ranks_integrated_gpu_energy() -> None:
+    # GPUs without an energy counter: each rank's figure is integrated power, with no per-GPU split
+    def integrated(rank: int, gpus: tuple[str, ...]) -> EnergyReading:
+        return EnergyReading(duration_s=10.0, gpu_energy_j=100.0 * (rank + 1), gpu_source="power_integration",
+                             gpus=gpus)  # fmt: skip
+
+    merged = merge([("node-a", integrated(0, ("gpu0",))), ("node-a", integrated(1, ("gpu1",)))])
+    assert merged.gpu_energy_j == 300.0
+    same = merge([("node-a", integrated(0, ("gpu0",))), ("node-a", integrated(0, ("gpu0",)))])
+    assert same.gpu_energy_j == 100.0  # two ranks bound to one GPU: counted once
+
+
 def _rank_main(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 

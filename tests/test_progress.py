@@ -38,6 +38,15 @@ def test_lines_are_rate_limited(monkeypatch: pytest.MonkeyPatch) -> None:
     assert out.getvalue().startswith("teacher_generation: 10/10 prompts (100%)")
 
 
+def test_a_progress_that_is_not_shown_counts_in_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIST_BENCH_PROGRESS_EVERY_S", "0")
+    out = io.StringIO()
+    with Progress("eval", 2, "tasks", stream=out, shown=False) as progress:
+        progress.advance()
+        progress.advance()
+    assert out.getvalue() == "" and progress.done == 2
+
+
 def test_a_pipeline_reports_each_stage_in_its_unit(
     workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

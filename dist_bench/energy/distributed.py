@@ -46,6 +46,9 @@ def merge(parts: list[tuple[str, EnergyReading]]) -> EnergyReading:
     per_gpu: dict[str, float] = {}
     for _, reading in parts:
         per_gpu.update(reading.per_gpu_j)  # same UUID from two ranks: the same counter, counted once
+        if not reading.per_gpu_j and reading.gpu_energy_j is not None and reading.gpus:
+            # integrated power (no energy counter): one figure for the rank's GPUs, keyed by their names
+            per_gpu[", ".join(reading.gpus)] = reading.gpu_energy_j
     gpu_measured = all(r.gpu_energy_j is not None for _, r in parts if r.gpus)
     hosts: dict[str, EnergyReading] = {}
     for host, reading in parts:

@@ -122,7 +122,8 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
     records = distributed.broadcast({t.name: _read_record(done_dir / f"{t.name}.json") for t in plan.tasks})
     lm: CountingHFLM | None = None
     manager = None
-    progress = Progress(STAGE, len(plan.tasks), "tasks", done=sum(r is not None for r in records.values()))
+    done = sum(r is not None for r in records.values())
+    progress = Progress(STAGE, len(plan.tasks), "tasks", done=done, shown=main)  # every rank, the same tasks
     for task in plan.tasks:
         if records[task.name] is not None:
             continue  # finished by an earlier attempt
