@@ -117,6 +117,9 @@ def stage_figures(run_dir: Path, counters: CounterReader | None) -> dict[str, An
         figures = {k: summary["metrics"].get(k) for k in ("tokens_per_s", "gpu_energy_j", "duration_s")}
         figures["gpus"] = summary["energy"].get("gpus", [])
         figures["parallelism"] = summary.get("parallelism")
+        if "phase_seconds" in summary:  # student_train: the loop apart from set-up and final save
+            figures["phase_seconds"] = summary["phase_seconds"]
+            figures["loop_tokens_per_s"] = summary["tokens_processed"] / summary["phase_seconds"]["training_loop"]
         if counters is not None and figures["gpu_energy_j"] is not None:
             start, end = summary["energy_window_unix_s"]
             # the summary names a GPU "<name> (<uuid>)"
@@ -184,8 +187,11 @@ def main() -> None:
     one, two = (results.get(f"nproc_{n}", {}).get("stages", {}).get("student_train", {}).get("tokens_per_s")
                 for n in (1, 2))  # fmt: skip
     ratios = [s.get("energy_over_counters") for key, *_ in runs for s in results[key]["stages"].values()]
+    loops = [results.get(f"nproc_{n}", {}).get("stages", {}).get("student_train", {}).get("loop_tokens_per_s")
+             for n in (1, 2)]  # fmt: skip
     results["goals"] = {
         "student_train_speedup": two / one if one and two else None,
+        "training_loop_speedup": loops[1] / loops[0] if all(loops) else None,
         "fsdp_student_train_speedup": (
             results["nproc_2_fsdp"]["stages"]["student_train"]["tokens_per_s"] / one
             if args.fsdp and one

@@ -15,6 +15,7 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from dist_bench import distributed, models
@@ -72,6 +73,9 @@ def run(parent: ParentRun, cache: StageResult | None = None, data: DataConfig | 
 
 
 def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWork:
+    # Where the stage's time goes (the summary's phase_seconds): set-up, the training loop, the final save.
+    # The loop alone is what scales with GPUs; the rest is paid once per stage.
+    started = time.monotonic()
     device = models.pick_device(cfg.train.device)
     tokenizer = models.load_tokenizer(cfg.student.model, cfg.student.revision, cfg.student.trust_remote_code)
     cache = open_cache(cache_dir) if cache_dir is not None else None
@@ -98,12 +102,15 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     plan = plan_steps(examples, cfg)
     checkpoints = ctx.stage_dir / "checkpoints"
     trainer, callback = build_trainer(cfg, student, tokenizer, examples, plan, checkpoints, ctx, cache)
+    loop_started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume_point(checkpoints))
+    loop_ended = time.monotonic()
 
     final_dir = ctx.stage_dir / "final_model"
     save_final(trainer, final_dir)
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
+    fingerprints = {"final_model": models.fingerprint(str(final_dir))}
     counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)
     newest = last_complete_checkpoint(checkpoints)
     artifacts = {}
@@ -114,7 +121,7 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     return StageWork(
         tokens=counts.tokens,
         outputs={"final_model": final_dir},
-        fingerprints={"final_model": models.fingerprint(str(final_dir))},
+        fingerprints=fingerprints,
         metrics={
             "steps": trainer.state.global_step,
             "padded_tokens": counts.padded_tokens,
@@ -126,6 +133,11 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
             "method": "kd" if cache else "sft",
             "parallelism": parallelism(trainer),
             "token_counting": TOKEN_COUNTING,
+            "phase_seconds": {
+                "setup": loop_started - started,  # data, cache, model, trainer
+                "training_loop": loop_ended - loop_started,  # this attempt's steps, checkpoints included
+                "final_save": time.monotonic() - loop_ended,  # the final model written and hashed
+            },
         },
         artifacts=artifacts,
     )
