@@ -119,7 +119,9 @@ def stage_figures(run_dir: Path, counters: CounterReader | None) -> dict[str, An
         figures["parallelism"] = summary.get("parallelism")
         if "phase_seconds" in summary:  # student_train: the loop apart from set-up and final save
             figures["phase_seconds"] = summary["phase_seconds"]
-            figures["loop_tokens_per_s"] = summary["tokens_processed"] / summary["phase_seconds"]["training_loop"]
+            figures["loop_tokens_per_s"] = (
+                summary["tokens_processed"] / summary["phase_seconds"]["training_loop"]
+            )
         if counters is not None and figures["gpu_energy_j"] is not None:
             start, end = summary["energy_window_unix_s"]
             # the summary names a GPU "<name> (<uuid>)"

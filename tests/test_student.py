@@ -117,3 +117,45 @@ def test_a_student_with_another_vocabulary_stops_kd_before_training(workdir: Pat
     # SFT trains across tokenizers: the same student is fine there.
     sft = pipeline.sft(small_config(workdir, "pipeline=sft", f"student.model={other}", "train.max_steps=2"))
     assert sft.stages[0].metrics["steps"] == 2
+
+
+def test_the_final_model_is_the_last_checkpoint_linked_not_written_again(workdir: Path) -> None:
+    train = pipeline.sft(small_config(workdir, "pipeline=sft", "train.max_steps=3")).stages[0]
+    final = train.outputs["final_model"]
+    last = final.parent / "checkpoints" / "checkpoint-3"
+    names = sorted(f.name for f in final.iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(names)
+    assert names == sorted(f.name for f in last.iterdir() if not f.name.startswith(trainer.TRAINING_STATE))
+    for name in names:  # the same files on disk, not copies
+        assert (final / name).stat().st_ino == (last / name).stat().st_ino
+    assert AutoModelForCausalLM.from_pretrained(final) and AutoTokenizer.from_pretrained(final)
+    phases = train.summary["phase_seconds"]
+    assert set(phases) == {"setup", "training_loop", "final_save"} and min(phases.values()) > 0
+    assert sum(phases.values()) <= train.summary["duration_seconds"]
+
+
+def test_without_a_checkpoint_to_link_the_final_model_is_saved(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer, "link_model_files", lambda checkpoint, final_dir: False)
+    train = pipeline.sft(small_config(workdir, "pipeline=sft", "train.max_steps=3")).stages[0]
+    final = train.outputs["final_model"]
+    last = final.parent / "checkpoints" / "checkpoint-3"
+    assert (final / "model.safetensors").stat().st_ino != (last / "model.safetensors").stat().st_ino
+    assert (final / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
+
+
+def test_a_checkpoint_without_a_whole_model_is_not_linked(tmp_path: Path) -> None:
+    checkpoint, final = tmp_path / "checkpoint-3", tmp_path / "final_model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    assert not trainer.link_model_files(checkpoint, final)  # incomplete: no trainer_state.json, no weights
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint / "pytorch_model_fsdp_0").mkdir()  # FSDP's sharded weights: not a from_pretrained model
+    assert not trainer.link_model_files(checkpoint, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # nothing half-made left
+    (checkpoint / "pytorch_model_fsdp_0").rmdir()
+    (checkpoint / "optimizer.pt").write_bytes(b"state")
+    assert trainer.link_model_files(checkpoint, final)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]

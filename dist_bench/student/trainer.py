@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import shutil
 import types
 import warnings
@@ -500,14 +501,50 @@ def resume_point(output_dir: Path) -> str | None:
     return distributed.broadcast(str(newest) if newest else None)
 
 
+# What a Trainer checkpoint holds besides the files save_model writes: the state to resume training from.
+TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state.json", "scaler.pt")
+
+
 def save_final(trainer: Any, final_dir: Path) -> None:  # a StudentTrainer or the DPO trainer
     """The trained model (weights, config, tokenizer: loadable with from_pretrained) in final_dir, replacing
-    an earlier attempt's. Every rank calls it (under FSDP the weights are gathered); rank 0 writes."""
-    if final_dir.exists() and distributed.is_main():
-        shutil.rmtree(final_dir)
+    an earlier attempt's. Every rank calls it (under FSDP the weights are gathered); rank 0 writes.
+
+    The Trainer has just saved a checkpoint at the last step (it always does, with save_strategy "steps"),
+    and its model files are the bytes save_model would write: they are hard-linked instead of written again
+    (on a 0.5B fp32 student, ~2 s of a one-GPU stage's disk time that no GPU count shortens)."""
+    linked = False
+    if distributed.is_main():
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        last = Path(trainer.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        linked = link_model_files(last, final_dir)
+    if not distributed.broadcast(linked):  # every rank takes rank 0's answer (FSDP gathers on all)
+        trainer.save_model(str(final_dir))
     distributed.barrier()
-    trainer.save_model(str(final_dir))
-    distributed.barrier()
+
+
+def link_model_files(checkpoint: Path, final_dir: Path) -> bool:
+    """Hard-link a complete checkpoint's model files (all but the training state) into final_dir. False, with
+    final_dir absent, where the checkpoint holds no whole model to link: missing or incomplete, sharded
+    (FSDP's per-rank files), or on a filesystem without hard links."""
+    if not all(
+        (checkpoint / name).is_file() for name in ("trainer_state.json", "config.json", "model.safetensors")
+    ):
+        return False
+    files = [f for f in checkpoint.iterdir() if not f.name.startswith(TRAINING_STATE)]
+    if any(not f.is_file() for f in files):  # a folder of shards: not a from_pretrained model
+        return False
+    staging = final_dir.with_name(final_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for file in files:
+            os.link(file, staging / file.name)
+    except OSError:
+        shutil.rmtree(staging)
+        return False
+    staging.rename(final_dir)
+    return True
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
