@@ -38,7 +38,7 @@ import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from dist_bench import distributed, environment, headline, liveness, rollup
+from dist_bench import distributed, environment, headline, liveness, models, rollup
 from dist_bench.config import RunConfig, config_hash, flatten
 from dist_bench.energy import EnergyReading, EnergyWindow, committed, stage_metrics, stage_tags
 from dist_bench.energy.gpu import measure_idle_power_w
@@ -65,6 +65,10 @@ class StageWork:
     # Metrics that need the stage's final energy reading (all attempts), which exists only once the window
     # has closed: eval splits it among its tasks.
     energy_split: Callable[[EnergyReading], dict[str, float]] | None = None
+    # Outputs to fingerprint (models.fingerprint, into `fingerprints`) once the window has closed: hashing a
+    # trained model is the harness's provenance bookkeeping, not the method's work (its inputs are hashed
+    # before the window opens too). ~2 s for a 0.5B fp32 student, which no GPU count shortens.
+    hash_after: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -386,6 +390,9 @@ def _run(
             ctx = StageContext(stage, run_id, stage_dir, window, prior, attempt)
             with nullcontext() if data_parallel else distributed.alone():
                 done = work(ctx)
+        done.fingerprints.update(
+            {name: models.fingerprint(str(path)) for name, path in done.hash_after.items()}
+        )
         energy = prior + window.reading if prior else window.reading
         metrics = {**stage_metrics(energy, done.tokens), **done.metrics}
         if done.energy_split is not None:

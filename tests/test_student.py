@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import small_config
-from dist_bench import pipeline, tinyworld
+from dist_bench import models, pipeline, tinyworld
 from dist_bench.preflight import PreflightError
 from dist_bench.student import stage, trainer
 from dist_bench.teacher.cache_format import open_cache
@@ -132,6 +132,11 @@ def test_the_final_model_is_the_last_checkpoint_linked_not_written_again(workdir
     phases = train.summary["phase_seconds"]
     assert set(phases) == {"setup", "training_loop", "final_save"} and min(phases.values()) > 0
     assert sum(phases.values()) <= train.summary["duration_seconds"]
+    # the provenance hash, taken once the window closed, is the final model's (tag, summary, later stages)
+    expected = models.fingerprint(str(final))
+    assert train.fingerprints["final_model"] == train.summary["fingerprints"]["final_model"] == expected
+    tags = MlflowClient().get_run(train.run_id).data.tags
+    assert tags["dist_bench.fingerprint.final_model"] == expected
 
 
 def test_without_a_checkpoint_to_link_the_final_model_is_saved(

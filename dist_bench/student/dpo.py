@@ -202,7 +202,8 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
     return StageWork(
         tokens=policy_tokens + reference_tokens + 2 * heldout_tokens,  # held out: policy and reference
         outputs={"final_policy": final_dir},
-        fingerprints={"final_policy": models.fingerprint(str(final_dir))},
+        fingerprints={},
+        hash_after={"final_policy": final_dir},
         metrics={
             "steps": steps,
             "pairs": len(pairs),

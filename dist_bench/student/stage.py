@@ -110,7 +110,6 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     save_final(trainer, final_dir)
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
-    fingerprints = {"final_model": models.fingerprint(str(final_dir))}
     counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)
     newest = last_complete_checkpoint(checkpoints)
     artifacts = {}
@@ -121,7 +120,8 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     return StageWork(
         tokens=counts.tokens,
         outputs={"final_model": final_dir},
-        fingerprints=fingerprints,
+        fingerprints={},
+        hash_after={"final_model": final_dir},
         metrics={
             "steps": trainer.state.global_step,
             "padded_tokens": counts.padded_tokens,
@@ -136,7 +136,7 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
             "phase_seconds": {
                 "setup": loop_started - started,  # data, cache, model, trainer
                 "training_loop": loop_ended - loop_started,  # this attempt's steps, checkpoints included
-                "final_save": time.monotonic() - loop_ended,  # the final model written and hashed
+                "final_save": time.monotonic() - loop_ended,
             },
         },
         artifacts=artifacts,
