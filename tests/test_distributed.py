@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_files import mt_bench_101_rows, write_jsonl
 from mlflow.tracking import MlflowClient
 from test_dpo import write_pairs
 
@@ -223,6 +224,27 @@ def test_two_ranks_evaluate_what_one_process_scores_in_one_parent_and_one_stage_
     assert (folder / "energy_progress.rank-1.json").exists()  # rank 1 committed after each task
     per_task = [json.loads(p.read_text()) for p in (workdir / "two" / "eval").glob("*/tasks_done/*.json")]
     assert sorted(r["task"] for r in per_task) == ["tiny_arith", "tiny_mc"]
+
+
+def test_a_judge_benchmark_in_a_two_rank_eval_is_judged_once_as_in_one_process(workdir: Path) -> None:
+    # lm-eval's task split by rank; MT-Bench-101 (the tiny teacher answering and judging) on rank 0 alone
+    data = write_jsonl(workdir / "mtbench101.jsonl", mt_bench_101_rows())
+    common = ["eval", "--model", "tinyworld:teacher", "--max-samples", "5",
+              'eval.tasks=["tiny_arith", "mt_bench_101"]', f"eval.data={json.dumps({'mt_bench_101': str(data)})}",
+              'eval.judge={"model": "tinyworld:teacher"}', "eval.max_new_tokens=8", "eval.judge_max_new_tokens=8"]  # fmt: skip
+    one = dist_bench(*common, f"output.run_dir={workdir / 'one'}", cwd=workdir)
+    assert one.returncode == 0, one.stderr[-3000:]
+    before = {run.info.run_id for run in runs_by_role()["stage"]}
+    two = dist_bench(*common, "--nproc", "2", f"output.run_dir={workdir / 'two'}", cwd=workdir)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (reference,) = [r.data.metrics for r in runs_by_role()["stage"] if r.info.run_id in before]
+    (stage,) = [r.data.metrics for r in runs_by_role()["stage"] if r.info.run_id not in before]
+    judged = ["judged_turns", "unrated", "judge_tokens", "tokens"]  # the judge's work: once, not per rank
+    for key in [f"eval/mt_bench_101/{name}" for name in judged] + ["eval/tiny_arith/exact_match"]:
+        assert stage[key] == reference[key], key
+    assert (
+        reference["eval/mt_bench_101/judged_turns"] == 2 and reference["eval/mt_bench_101/judge_tokens"] > 0
+    )
 
 
 def final_weights(run_dir: Path, method: str) -> dict:
