@@ -157,10 +157,13 @@ def test_a_checkpoint_without_a_whole_model_is_not_linked(tmp_path: Path) -> Non
     assert not trainer.link_model_files(checkpoint, final)  # incomplete: no trainer_state.json, no weights
     (checkpoint / "trainer_state.json").write_text("{}")
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    (checkpoint / "pytorch_model_fsdp_0").mkdir()  # FSDP's sharded weights: not a from_pretrained model
+    (checkpoint / "model-shards").mkdir()  # a folder: not what from_pretrained reads
     assert not trainer.link_model_files(checkpoint, final)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]  # nothing half-made left
-    (checkpoint / "pytorch_model_fsdp_0").rmdir()
+    (checkpoint / "model-shards").rmdir()
+    # the training state stays behind, FSDP's (accelerate's copy of the weights, optimizer shards) too
     (checkpoint / "optimizer.pt").write_bytes(b"state")
+    (checkpoint / "pytorch_model_fsdp.bin").write_bytes(b"weights again")
+    (checkpoint / "optimizer_0").mkdir()
     assert trainer.link_model_files(checkpoint, final)
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]

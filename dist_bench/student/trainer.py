@@ -501,8 +501,16 @@ def resume_point(output_dir: Path) -> str | None:
     return distributed.broadcast(str(newest) if newest else None)
 
 
-# What a Trainer checkpoint holds besides the files save_model writes: the state to resume training from.
-TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "trainer_state.json", "scaler.pt")
+# What a Trainer checkpoint holds besides the files save_model writes: the state to resume training from
+# (under FSDP, accelerate's own copy of the weights, pytorch_model_fsdp*, and optimizer shards too).
+TRAINING_STATE = (
+    "optimizer",
+    "scheduler",
+    "rng_state",
+    "trainer_state.json",
+    "scaler.pt",
+    "pytorch_model_fsdp",
+)
 
 
 def save_final(trainer: Any, final_dir: Path) -> None:  # a StudentTrainer or the DPO trainer
@@ -532,7 +540,7 @@ def link_model_files(checkpoint: Path, final_dir: Path) -> bool:
     ):
         return False
     files = [f for f in checkpoint.iterdir() if not f.name.startswith(TRAINING_STATE)]
-    if any(not f.is_file() for f in files):  # a folder of shards: not a from_pretrained model
+    if any(not f.is_file() for f in files):  # a folder we do not know: not a from_pretrained model
         return False
     staging = final_dir.with_name(final_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
