@@ -167,3 +167,38 @@ def test_a_checkpoint_without_a_whole_model_is_not_linked(tmp_path: Path) -> Non
     (checkpoint / "optimizer_0").mkdir()
     assert trainer.link_model_files(checkpoint, final)
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_kill_after_the_last_step_resumes_without_training_to_the_same_model(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = pipeline.kd(small_config(workdir, f"output.run_dir={workdir / 'reference'}"))
+    expected = (reference.stages[1].outputs["final_model"] / "model.safetensors").read_bytes()
+
+    saves: list[int] = []
+    real_on_save = trainer.StageMetricsCallback.on_save
+
+    def die_at_the_last_save(
+        self: trainer.StageMetricsCallback, args: object, state: object, *rest: object, **kw: object
+    ):
+        real_on_save(self, args, state, *rest, **kw)
+        saves.append(state.global_step)  # type: ignore[attr-defined]
+        if state.global_step == state.max_steps:  # type: ignore[attr-defined]
+            raise KeyboardInterrupt  # before the final model is written
+
+    monkeypatch.setattr(trainer.StageMetricsCallback, "on_save", die_at_the_last_save)
+    cfg = small_config(workdir)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.kd(cfg)
+    last = reference.stages[1].metrics["steps"]
+    assert saves[-1] == last and len(saves) > 1
+    checkpoints = next((workdir / "runs" / "student_train").glob("*/checkpoints"))
+    # the last checkpoint keeps the weights and the trainer state, not the optimizer state no step needs
+    assert (checkpoints / f"checkpoint-{saves[-2]}" / "optimizer.pt").is_file()
+    assert not (checkpoints / f"checkpoint-{last}" / "optimizer.pt").exists()
+    assert (checkpoints / f"checkpoint-{last}" / "trainer_state.json").is_file()
+    before = list(saves)
+    resumed = pipeline.kd(cfg)
+    assert saves == before  # no step trained again, no checkpoint written again
+    assert resumed.stages[1].summary["resumed"] and resumed.stages[1].metrics["steps"] == last
+    assert (resumed.stages[1].outputs["final_model"] / "model.safetensors").read_bytes() == expected

@@ -37,6 +37,7 @@ from dist_bench.errors import DataError
 from dist_bench.generation.pairs import read_pairs
 from dist_bench.student.trainer import (
     BudgetProgress,
+    LeanLastCheckpoint,
     PlannedOrder,
     plan_by_length,
     resume_point,
@@ -109,7 +110,7 @@ def split_heldout(n_pairs: int, heldout: int, seed: int) -> tuple[list[int], lis
     return [i for i in range(n_pairs) if i not in held], sorted(held)
 
 
-class PolicyTrainer(DPOTrainer):
+class PolicyTrainer(LeanLastCheckpoint, DPOTrainer):
     """DPOTrainer over the planned batches (the same seeded, budgeted plan as the other methods)."""
 
     plan: list[list[list[int]]]  # set once TRL has tokenized the pairs

@@ -243,7 +243,25 @@ def add_student_head(model: PreTrainedModel, kd: KDConfig | None) -> None:
 # ---- the trainers -------------------------------------------------------------------------------------
 
 
-class StudentTrainer(SFTTrainer):
+class LeanLastCheckpoint:
+    """Mixed into the student trainers. The Trainer checkpoints at the last step (with save_strategy "steps"
+    it always does), so that a kill before the final model is written resumes there without training again,
+    and the final model is that checkpoint's files, linked (save_final). The optimizer, scheduler and RNG
+    state in it would serve no step (none is left), and the optimizer's is twice the fp32 weights: 4 GB for a
+    0.5B student, written once per stage whatever the GPU count. The last checkpoint leaves them out, as
+    save_only_model does. Under FSDP it stays whole: resuming there reads accelerate's own files."""
+
+    def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        last = self.state.global_step >= self.state.max_steps and not self.is_fsdp_enabled  # type: ignore[attr-defined]
+        keep = self.args.save_only_model  # type: ignore[attr-defined]
+        self.args.save_only_model = keep or last  # type: ignore[attr-defined]
+        try:
+            super()._save_checkpoint(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self.args.save_only_model = keep  # type: ignore[attr-defined]
+
+
+class StudentTrainer(LeanLastCheckpoint, SFTTrainer):
     """SFTTrainer on the batch plan, with metrics kept on the device until a log step."""
 
     def __init__(
