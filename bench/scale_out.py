@@ -66,7 +66,8 @@ def write_data(path: Path, records: int, words: int) -> None:
 
 
 class CounterReader:
-    """NVML's total-energy counter (mJ) of every GPU, read every `every_s` on a thread."""
+    """NVML's total-energy counter (mJ) of every GPU, read every `every_s` on a thread, with its utilization
+    (% of time a kernel ran): a GPU well below 100% in student_train waits on its host or on the other rank."""
 
     def __init__(self, every_s: float = 0.02) -> None:
         import pynvml
@@ -78,6 +79,7 @@ class CounterReader:
         self.uuids = [u.decode() if isinstance(u, bytes) else u for u in uuids]
         self.times: list[float] = []
         self.mj: list[list[int]] = []
+        self.busy: list[list[int]] = []
         self.every_s, self.stop = every_s, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -86,11 +88,16 @@ class CounterReader:
         while not self.stop.is_set():
             t = time.time()
             self.mj.append([self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles])
+            self.busy.append([self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles])
             self.times.append(t)
             time.sleep(self.every_s)
 
     def joules(self, gpu: int, start: float, end: float) -> float:
         return (self._at(gpu, end) - self._at(gpu, start)) / 1000
+
+    def utilization(self, gpu: int, start: float, end: float) -> float | None:
+        inside = [row[gpu] for t, row in zip(self.times, self.busy, strict=False) if start <= t <= end]
+        return sum(inside) / len(inside) if inside else None
 
     def _at(self, gpu: int, t: float) -> float:
         i = min(max(bisect.bisect_left(self.times, t), 1), len(self.times) - 1)
@@ -130,6 +137,7 @@ def stage_figures(run_dir: Path, counters: CounterReader | None) -> dict[str, An
             outside = sum(counters.joules(g, start, end) for g in used)
             figures["counters_j"] = outside
             figures["energy_over_counters"] = figures["gpu_energy_j"] / outside if outside else None
+            figures["gpu_utilization_pct"] = [counters.utilization(g, start, end) for g in used]
         out[summary["stage"]] = figures
     return out
 
