@@ -43,7 +43,9 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype when loading; auto = bfloat16 on a bf16-capable GPU, else float32"
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (transformers' trust_remote_code)"
+    )
 
 
 class ApiPrice(Strict):
@@ -185,13 +187,17 @@ class LogitCacheConfig(Strict):
 
 
 class OptimizerConfig(Strict):
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW's (beta1, beta2)")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up to lr")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay after warm-up, to 0 at the last step (constant: none)"
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="clip the global gradient norm to this; unset: no clipping"
+    )
 
 
 class TrainConfig(Strict):
@@ -230,9 +236,11 @@ class TrainConfig(Strict):
         "sdpa", description="attention kernels: sdpa, eager, flash_attention_2 (where installed), ..."
     )
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
-    optimizer: OptimizerConfig = OptimizerConfig()
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk; older ones removed")
+    log_every: int = Field(10, ge=1, description="optimizer steps between train/* metrics in the stage run")
+    optimizer: OptimizerConfig = Field(
+        OptimizerConfig(), description="AdamW (fused on CUDA) and its schedule, the same for every method"
+    )
 
 
 class KDConfig(Strict):
@@ -327,7 +335,10 @@ class GenerationConfig(Strict):
         "loop whose step is replayed as a CUDA graph (same forward, warpers and sampling; eager on CPU); "
         "auto = graph on CUDA, generate elsewhere",
     )
-    filters: FiltersConfig = FiltersConfig()
+    filters: FiltersConfig = Field(
+        FiltersConfig(),
+        description="which generated completions are kept for training (generation/filters.py)",
+    )
 
 
 class PreferencesConfig(Strict):
@@ -464,7 +475,9 @@ class EvalConfig(Strict):
     batch_size: int = Field(
         32, ge=1, description="lm-eval batch size; prompts per batch for judge benchmarks"
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the evaluated model runs; auto = cuda when available"
+    )
     max_length: int | None = Field(
         None,
         ge=2,
@@ -483,7 +496,7 @@ class EvalConfig(Strict):
 
 
 class EnergyConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="measure each stage's energy (false: time and tokens only)")
     codecarbon: bool = Field(
         True, description="CPU/RAM estimate (when RAPL is unreadable) and CO2e from CodeCarbon's offline data"
     )
@@ -531,17 +544,20 @@ class PrerunConfig(Strict):
     burn_in_steps: int = Field(500, ge=1, description="burn-in training steps when not quick")
     expected_gpu: str | None = Field(None, description="substring the GPU name must contain, e.g. H100")
     expected_vram_gb: float | None = Field(None, gt=0, description="minimum VRAM per GPU")
-    expected_gpu_count: int | None = Field(None, ge=0)
+    expected_gpu_count: int | None = Field(None, ge=0, description="GPUs the host must show; unset: any")
     expected_cpu: str | None = Field(None, description="substring the CPU model must contain")
-    skip_idle: bool = False
-    skip_burn_in: bool = False
-    skip_sampling: bool = False
+    skip_idle: bool = Field(False, description="skip the idle-power baseline")
+    skip_burn_in: bool = Field(False, description="skip the burn-in training run")
+    skip_sampling: bool = Field(False, description="skip the check of energy sampling intervals")
 
 
 class TrackingConfig(Strict):
-    experiment_name: str = "dist-bench"
+    experiment_name: str = Field("dist-bench", description="MLflow experiment the parent runs go to")
     reuse_stages: bool = Field(True, description="reuse a FINISHED stage run with identical inputs")
-    log_checkpoints: Literal["none", "last", "all"] = "last"
+    log_checkpoints: Literal["none", "last", "all"] = Field(
+        "last",
+        description="training checkpoints logged as stage-run artifacts: none, the newest (at the last step: weights and trainer state only), or all",
+    )
 
 
 class OutputConfig(Strict):
@@ -554,22 +570,34 @@ class RunConfig(Strict):
         "kd",
         description="kd: from cached teacher logits; sft: on the data; dpo: on preference pairs",
     )
-    seed: int = 42
-    teacher: TeacherSpec
-    student: ModelSpec
-    data: DataConfig
-    logits: LogitCacheConfig = LogitCacheConfig()
-    train: TrainConfig
-    kd: KDConfig = KDConfig()
-    generation: GenerationConfig = GenerationConfig()
-    preferences: PreferencesConfig = PreferencesConfig()
-    dpo: DPOSettings = DPOSettings()
-    ablations: AblationsConfig | None = None
-    eval: EvalConfig
-    energy: EnergyConfig = EnergyConfig()
-    prerun: PrerunConfig = PrerunConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    output: OutputConfig = OutputConfig()
+    seed: int = Field(42, description="seeds data order, initialisation, sampling and the trainer")
+    teacher: TeacherSpec = Field(description="the model distilled from: local weights or an API")
+    student: ModelSpec = Field(
+        description="the model trained (dpo: the policy, e.g. an sft run's final_model)"
+    )
+    data: DataConfig = Field(description="training data: prompt/completion or chat records")
+    logits: LogitCacheConfig = Field(LogitCacheConfig(), description="kd: the teacher's top-k logit cache")
+    train: TrainConfig = Field(description="the student trainer (TRL), shared by kd, sft and dpo")
+    kd: KDConfig = Field(KDConfig(), description="kd: loss, temperature and CE weight")
+    generation: GenerationConfig = Field(
+        GenerationConfig(), description="teacher_generation: the teacher writes the training data"
+    )
+    preferences: PreferencesConfig = Field(
+        PreferencesConfig(), description="dpo: how preference pairs are made"
+    )
+    dpo: DPOSettings = Field(
+        DPOSettings(), description="dpo: trl.DPOTrainer's beta, loss and reference log-probs"
+    )
+    ablations: AblationsConfig | None = Field(
+        None, description="a grid of overrides run as sibling pipelines"
+    )
+    eval: EvalConfig = Field(description="the benchmarks run on the trained model")
+    energy: EnergyConfig = Field(EnergyConfig(), description="energy measurement and CO2e")
+    prerun: PrerunConfig = Field(PrerunConfig(), description="pre-run validation of the host")
+    tracking: TrackingConfig = Field(
+        TrackingConfig(), description="MLflow experiment, stage reuse, artifacts"
+    )
+    output: OutputConfig = Field(OutputConfig(), description="where working files go")
 
     @field_validator("name")
     @classmethod

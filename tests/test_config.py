@@ -128,3 +128,22 @@ def test_every_entry_point_script_reaches_the_cli(tmp_path: Path, entry_point: s
         else "config: train.nope (from override 'train.nope=2'): unknown key"
     )
     assert expected in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_every_config_field_says_what_it_is() -> None:
+    """The schema documents the config: every field carries a description."""
+    import inspect
+
+    import pydantic
+
+    from dist_bench import config as schema
+
+    models = [c for c in vars(schema).values() if inspect.isclass(c) and issubclass(c, pydantic.BaseModel)]
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for model in models
+        if model.__module__ == schema.__name__
+        for name, field in model.model_fields.items()
+        if not field.description
+    ]
+    assert len(models) > 20 and undescribed == []
