@@ -7,6 +7,7 @@ Whatever it is, it ends in `AutoModelForCausalLM.from_pretrained` / `AutoTokeniz
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -110,3 +111,10 @@ def hash_files(files: list[Path], root: Path | None = None) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def free_memory() -> None:
+    """Free a released local model before the next one loads (on a GPU both may not fit)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

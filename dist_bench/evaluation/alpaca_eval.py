@@ -77,7 +77,10 @@ def run(
     # 2. the evaluated model's answers
     instructions = list(reference["instruction"])
     answers = [
-        c[0] for c in model.generate(_prompts(instructions, model_chat), _greedy(max_new_tokens), seed)
+        c[0]
+        for c in model.generate(
+            _prompts(instructions, model_chat), Decoding.greedy_up_to(max_new_tokens), seed
+        )
     ]
     generator = model.identity().get("model", "model")
     outputs = [
@@ -216,7 +219,7 @@ def _judge_fn(judge: Teacher, chat: bool, max_new_tokens: int, seed: int, judged
                 Prompt(i, text="\n\n".join(t["content"] for t in m) + "\n")
                 for i, m in enumerate(conversations)
             ]
-        out = [c[0] for c in judge.generate(batch, _greedy(max_new_tokens), seed)]
+        out = [c[0] for c in judge.generate(batch, Decoding.greedy_up_to(max_new_tokens), seed)]
         judged.extend(out)
         per_example = (time.monotonic() - started) / max(1, len(prompts))
         return {"completions": [c.text for c in out], "time_per_example": [per_example] * len(out)}
@@ -265,10 +268,6 @@ def _prompts(texts: list[str], chat: bool) -> list[Prompt]:
     if chat:
         return [Prompt(i, messages=[{"role": "user", "content": t}]) for i, t in enumerate(texts)]
     return [Prompt(i, text=t) for i, t in enumerate(texts)]
-
-
-def _greedy(max_new_tokens: int) -> Decoding:
-    return Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None, max_new_tokens=max_new_tokens, stop=())
 
 
 def _slug(identity: dict[str, str], max_new_tokens: int, seed: int) -> str:

@@ -178,7 +178,7 @@ def run(
     score as MT-Bench-101 does (module docstring); writes answers.jsonl, judgments.jsonl, scores.json."""
     dialogues = load(data, max_samples)
     turns = [turn for dialogue in dialogues for turn in judged_turns(dialogue)]
-    greedy = Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None, max_new_tokens=max_new_tokens, stop=())
+    greedy = Decoding.greedy_up_to(max_new_tokens)
 
     # 1. the model: every judged turn in one call (the teacher batches)
     prompts = [model_prompt(i, turn, model_chat) for i, turn in enumerate(turns)]

@@ -256,7 +256,7 @@ def _judged(task: task_plan.TaskPlan, lm: CountingHFLM, cfg: RunConfig, out: Pat
         seed=cfg.seed,
     )
     del judge
-    _free_memory()
+    models.free_memory()
     return outcome
 
 
@@ -286,16 +286,6 @@ def _judged_record(name: str, outcome: JudgedOutcome, cfg: RunConfig) -> TaskRec
         judge_tokens=outcome.judge_prefill_tokens + outcome.judge_decode_tokens,
         judge_spend_usd=outcome.judge_spend_usd,
     )
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _read_record(path: Path) -> TaskRecord | None:

@@ -29,6 +29,11 @@ class Decoding:
     def from_config(cls, cfg: GenerationConfig) -> Decoding:
         return cls(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, tuple(cfg.stop))
 
+    @classmethod
+    def greedy_up_to(cls, max_new_tokens: int) -> Decoding:
+        """One greedy completion: what judges and judged answers use, so a rerun gets the same text."""
+        return cls(n=1, temperature=0.0, top_p=1.0, top_k=None, max_new_tokens=max_new_tokens, stop=())
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

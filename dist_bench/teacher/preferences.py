@@ -31,7 +31,6 @@ that changes only them reuses the pairs.
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,7 +122,7 @@ def build(cfg: RunConfig, ctx: StageContext, device: torch.device) -> StageWork:
         for key, value in api_metrics(writer).items():
             spent[key] = spent.get(key, 0.0) + value
         writer = None
-        _free_memory()  # the next model loads into the memory this one held
+        models.free_memory()  # the next model loads into the memory this one held
         return rows
 
     teacher_rows = rows_of(cfg.teacher, out / "shards", prompts, decoding)
@@ -146,8 +145,7 @@ def build(cfg: RunConfig, ctx: StageContext, device: torch.device) -> StageWork:
         chat = _judge_reads_chat(judge)
         questions = [_judge_prompt(at, row, chat) for at, row in enumerate(judged)]
         # greedy, so that a resumed stage gets the verdicts an uninterrupted one would
-        verdict = Decoding(n=1, temperature=0.0, top_p=1.0, top_k=None,
-                           max_new_tokens=prefs.judge_max_new_tokens, stop=())  # fmt: skip
+        verdict = Decoding.greedy_up_to(prefs.judge_max_new_tokens)
         judge_rows = rows_of(judge, out / "judge-shards", questions, verdict, own_template=True)
         writers["judge"] = judge_rows
         ratings = {keys[row["prompt_id"]]: parse_rating(row["completion"]) for row in judge_rows}
@@ -229,12 +227,3 @@ def _judge_prompt(index: int, row: dict, chat: bool) -> Prompt:
     if chat:
         return Prompt(index, messages=[{"role": "user", "content": text}])
     return Prompt(index, text=text + "\n\nRating:")  # a base model continues the verdict
-
-
-def _free_memory() -> None:
-    """Free a released local model before the next one loads (on a GPU both may not fit)."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
