@@ -167,6 +167,15 @@ def test_a_checkpoint_without_a_whole_model_is_not_linked(tmp_path: Path) -> Non
     (checkpoint / "optimizer_0").mkdir()
     assert trainer.link_model_files(checkpoint, final)
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors"]
+    # a large model's shards and their index
+    sharded, final = tmp_path / "checkpoint-6", tmp_path / "final-sharded"
+    sharded.mkdir()
+    names = ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+             "model.safetensors.index.json", "trainer_state.json"]  # fmt: skip
+    for name in names:
+        (sharded / name).write_text("{}")
+    assert trainer.link_model_files(sharded, final)
+    assert sorted(p.name for p in final.iterdir()) == sorted(set(names) - {"trainer_state.json"})
 
 
 def test_a_kill_after_the_last_step_resumes_without_training_to_the_same_model(

@@ -553,9 +553,12 @@ def link_model_files(checkpoint: Path, final_dir: Path) -> bool:
     """Hard-link a complete checkpoint's model files (all but the training state) into final_dir. False, with
     final_dir absent, where the checkpoint holds no whole model to link: missing or incomplete, sharded
     (FSDP's per-rank files), or on a filesystem without hard links."""
-    if not all(
-        (checkpoint / name).is_file() for name in ("trainer_state.json", "config.json", "model.safetensors")
-    ):
+    complete = (checkpoint / "trainer_state.json").is_file() and (checkpoint / "config.json").is_file()
+    # one weights file, or shards and their index (a large model)
+    weights = any(
+        (checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+    if not (complete and weights):
         return False
     files = [f for f in checkpoint.iterdir() if not f.name.startswith(TRAINING_STATE)]
     if any(not f.is_file() for f in files):  # a folder we do not know: not a from_pretrained model
