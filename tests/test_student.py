@@ -3,7 +3,9 @@ bit-for-bit through the trainer, checkpoints load with from_pretrained, mismatch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -60,24 +62,31 @@ def test_kd_and_sft_see_the_same_batches(workdir: Path) -> None:
         assert kd[name] == sft[name], name
 
 
+def die_at_a_save(monkeypatch: pytest.MonkeyPatch, when: Callable[[Any, list[int]], bool]) -> list[int]:
+    """Raise KeyboardInterrupt (what Ctrl-C or a scheduler's SIGTERM does) right after the checkpoint at
+    which `when(trainer state, steps saved so far)` holds; the steps saved are appended to the list returned."""
+    saves: list[int] = []
+    real_on_save = trainer.StageMetricsCallback.on_save
+
+    def save_then_die(
+        self: trainer.StageMetricsCallback, args: Any, state: Any, *rest: Any, **kw: Any
+    ) -> None:
+        real_on_save(self, args, state, *rest, **kw)
+        saves.append(state.global_step)
+        if when(state, saves):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.StageMetricsCallback, "on_save", save_then_die)
+    return saves
+
+
 def test_interrupted_training_resumes_to_the_same_model(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reference = pipeline.kd(small_config(workdir, f"output.run_dir={workdir / 'reference'}"))
     expected = (reference.stages[1].outputs["final_model"] / "model.safetensors").read_bytes()
 
-    saves: list[int] = []
-    real_on_save = trainer.StageMetricsCallback.on_save
-
-    def save_then_die(
-        self: trainer.StageMetricsCallback, args: object, state: object, *rest: object, **kw: object
-    ):
-        real_on_save(self, args, state, *rest, **kw)
-        saves.append(state.global_step)  # type: ignore[attr-defined]
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # what Ctrl-C or a scheduler's SIGTERM does mid-stage
-
-    monkeypatch.setattr(trainer.StageMetricsCallback, "on_save", save_then_die)
+    saves = die_at_a_save(monkeypatch, lambda state, saves: len(saves) == 2)  # mid-stage
     cfg = small_config(workdir)
     with pytest.raises(KeyboardInterrupt):
         pipeline.kd(cfg)
@@ -184,18 +193,8 @@ def test_a_kill_after_the_last_step_resumes_without_training_to_the_same_model(
     reference = pipeline.kd(small_config(workdir, f"output.run_dir={workdir / 'reference'}"))
     expected = (reference.stages[1].outputs["final_model"] / "model.safetensors").read_bytes()
 
-    saves: list[int] = []
-    real_on_save = trainer.StageMetricsCallback.on_save
-
-    def die_at_the_last_save(
-        self: trainer.StageMetricsCallback, args: object, state: object, *rest: object, **kw: object
-    ):
-        real_on_save(self, args, state, *rest, **kw)
-        saves.append(state.global_step)  # type: ignore[attr-defined]
-        if state.global_step == state.max_steps:  # type: ignore[attr-defined]
-            raise KeyboardInterrupt  # before the final model is written
-
-    monkeypatch.setattr(trainer.StageMetricsCallback, "on_save", die_at_the_last_save)
+    # at the last step's checkpoint, before the final model is written
+    saves = die_at_a_save(monkeypatch, lambda state, saves: state.global_step == state.max_steps)
     cfg = small_config(workdir)
     with pytest.raises(KeyboardInterrupt):
         pipeline.kd(cfg)
