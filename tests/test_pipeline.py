@@ -134,14 +134,14 @@ def scores(metrics: dict[str, float]) -> list[str]:
 
 
 def test_a_training_checkpoint_directory_evaluates_like_a_final_model(world: dict) -> None:
-    # the last checkpoint of student_train as it lies on disk: weights, tokenizer, optimizer and trainer
-    # state side by side (what a user points `dist-bench eval --model` at mid-training)
+    # a mid-training checkpoint of student_train as it lies on disk: weights, tokenizer, optimizer and
+    # trainer state side by side (what a user points `dist-bench eval --model` at mid-training); the one at
+    # the last step keeps no optimizer state (LeanLastCheckpoint), so the newest one that does
     # (the first kd run's: the warmer run trained another student in a stage dir of its own)
     final = Path(world["first"].stages[1].outputs["final_model"])
-    checkpoint = sorted((final.parent / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[
-        -1
-    ]
-    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "optimizer.pt").is_file()
+    by_step = sorted((final.parent / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    *_, checkpoint = [c for c in by_step if (c / "optimizer.pt").is_file()]
+    assert (checkpoint / "trainer_state.json").is_file() and checkpoint != by_step[-1]
     metrics = pipeline.evaluate(small_config(world["root"]), str(checkpoint)).stages[0].metrics
     assert 0.0 <= metrics["eval/tiny_arith/exact_match"] <= 1.0 and 0.0 <= metrics["eval/tiny_mc/acc"] <= 1.0
     if (final / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes():
