@@ -9,6 +9,13 @@ supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one
 - plain_chunked  the same step with TRL's chunked LM-head loss (trl add_fused_lm_head)
 - project_sft    dist-bench's student trainer, SFT (student/trainer.py: StudentTrainer)
 - project_kd     dist-bench's student trainer, KD from a top-64 cache (KDTrainer, losses.kd_loss)
+- project_sft_synced, project_kd_synced   the same with transformers' own SDPA mask builder, which asks the
+                 device whether a padded batch's mask is all ones (student/masks.py): the baseline of
+                 `masks_without_sync`, which only padded batches (`--lengths`) exercise
+The pipeline's own shape (bench/scale_out.py: fp32 weights under bf16 autocast, 2 micro-batches per step,
+sequences of different lengths, so padded batches):
+    python bench/student_step.py --out $OUT --precision bf16 --grad-accum 2 --lengths 768,1024 \
+        --variants project_kd_synced,project_kd
 For each: tokens/s and s/step over the timed steps (after warm-up, device synchronised at both ends), MFU
 (6 x parameters x tokens/s over the GPU's dense bf16 peak), mJ per token from the NVML energy counter, and
 peak allocated memory. `--repeats R` runs the variants R times, interleaved, and reports each figure's median
@@ -22,6 +29,8 @@ project_sft in tokens/s with peak memory <= 1.05 x project_sft's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -32,6 +41,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +107,12 @@ class Meter:
         return out
 
 
-def fresh_model(shape: dict[str, int], device: torch.device) -> Qwen2ForCausalLM:
+def fresh_model(
+    shape: dict[str, int], device: torch.device, dtype: torch.dtype = torch.bfloat16
+) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     config = Qwen2Config(**shape, attn_implementation="sdpa")
-    return Qwen2ForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
 
 
 def plain_variant(
@@ -178,48 +190,108 @@ class MarkSteps(TrainerCallback):
             self.meter.mark()
 
 
+@dataclass
+class LoopShape:
+    """How the project's variants train: the precision (bf16_pure: bf16 weights; bf16: fp32 weights under
+    bf16 autocast, as the pipelines default), micro-batches per optimizer step, and the sequences' lengths
+    (drawn uniformly in [min, max]; below max, batches carry padding)."""
+
+    precision: str = "bf16_pure"
+    grad_accum: int = 1
+    lengths: tuple[int, int] = (1024, 1024)
+
+
+class ProfileSteps(TrainerCallback):
+    """torch.profiler over `steps` optimizer steps after `start`: where the host's time goes, and how much of
+    the wall time the GPU spent running kernels (the sum of kernel times over the profiled wall time)."""
+
+    def __init__(self, start: int, steps: int, out: Path, name: str) -> None:
+        self.start, self.stop, self.out, self.name = start, start + steps, out, name
+        self.profiler: torch.profiler.profile | None = None
+        self.report: dict[str, Any] = {}
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.start and torch.cuda.is_available():
+            torch.cuda.synchronize()
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+            self.began = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step != self.stop or self.profiler is None:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.began
+        self.profiler.stop()
+        averages = self.profiler.key_averages()
+        kernels_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA")
+        table = averages.table(sort_by="self_cpu_time_total", row_limit=40)
+        (self.out / f"profile_{self.name}.txt").write_text(table)
+        self.report = {
+            "profiled_steps": self.stop - self.start,
+            "wall_s": wall,
+            "kernel_s": kernels_us / 1e6,
+            "gpu_busy_fraction": kernels_us / 1e6 / wall,
+            "top_self_cpu_ms": {
+                e.key: e.self_cpu_time_total / 1000
+                for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:15]
+            },
+        }
+        print(self.name, "profile:", json.dumps(self.report, indent=1), flush=True)
+
+
 def project_variant(
     shape: dict[str, int],
     batch: int,
-    seq: int,
+    loop: LoopShape,
     device: torch.device,
     warmup: int,
     steps: int,
     kd: bool,
     top_k: int,
-    scan: SyncScan | None = None,
-) -> tuple[Meter, int]:
-    model = fresh_model(shape, device)
+    masks_without_sync: bool = True,
+    scan: TrainerCallback | None = None,
+) -> tuple[Meter, int, int]:
+    """The timed steps' meter, the model's parameter count and the timed steps' tokens (without padding)."""
+    model = fresh_model(shape, device, torch.bfloat16 if loop.precision == "bf16_pure" else torch.float32)
     n_steps = warmup + steps
+    shortest, longest = loop.lengths
     cfg = load_config(
         None,
         [
-            f"train.batch_size={batch}", "train.grad_accum=1", "train.precision=bf16_pure",
+            f"train.batch_size={batch}", f"train.grad_accum={loop.grad_accum}", f"train.precision={loop.precision}",
             f"train.device={device.type}", f"train.max_steps={n_steps}", "train.token_budget=1000000000",
             "train.checkpoint_every=1000000", "train.log_every=1000000", "train.optimizer.lr=1e-4",
             "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant", "data.supervise=all",
-            f"data.max_length={seq}",
+            f"data.max_length={longest}",
         ],
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
+    lengths = torch.randint(shortest, longest + 1, (batch * loop.grad_accum * n_steps,), generator=generator)
     examples = [
         Example.from_first_target(
-            torch.randint(0, shape["vocab_size"], (seq,), generator=generator).tolist(), 1
+            torch.randint(0, shape["vocab_size"], (int(n),), generator=generator).tolist(), 1
         )
-        for _ in range(batch * n_steps)
+        for n in lengths
     ]
     plan = plan_steps(examples, cfg)
-    cache = random_cache(len(examples), seq - 1, top_k, shape["vocab_size"]) if kd else None
+    timed_tokens = sum(len(examples[i].input_ids) for step in plan[warmup:] for micro in step for i in micro)
+    cache = random_cache(len(examples), longest - 1, top_k, shape["vocab_size"]) if kd else None
+    if cache is not None:  # each sequence's supervised positions: all but its first token
+        cache.row_count = lengths - 1
+        cache.row_start = torch.arange(len(examples)) * (longest - 1)
     tokenizer = AutoTokenizer.from_pretrained(tinyworld.resolve("tinyworld:student-init"))
     meter = Meter(device)
     with tempfile.TemporaryDirectory() as out:
         trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, Path(out), None, cache)
+        trainer.masks_without_sync = masks_without_sync
         trainer.add_callback(scan if scan is not None else MarkSteps(meter, warmup, n_steps))
         trainer.args.save_strategy = "no"  # a 0.5 B checkpoint is not part of a step
         trainer.train()
     n_params = sum(p.numel() for p in model.parameters())
     del trainer
-    return meter, n_params
+    return meter, n_params, timed_tokens
 
 
 def random_cache(sequences: int, positions: int, k: int, vocab: int) -> TopKCache:
@@ -234,14 +306,14 @@ def random_cache(sequences: int, positions: int, k: int, vocab: int) -> TopKCach
 
 
 def run_variant(
-    name: str, make: Callable[[], tuple[Meter, int]], steps: int, tokens: int, peak: float | None
+    name: str, make: Callable[[], tuple[Meter, int, int]], steps: int, peak: float | None
 ) -> dict:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    meter, n_params = make()
-    result = meter.result(steps, tokens, n_params, peak)
+    meter, n_params, timed_tokens = make()
+    result = meter.result(steps, timed_tokens // steps, n_params, peak)
     print(
         name,
         json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}),
@@ -250,12 +322,12 @@ def run_variant(
     return {**result, "n_params": n_params}
 
 
-def sync_scan(shape: dict[str, int], batch: int, seq: int, device: torch.device, top_k: int) -> dict:
+def sync_scan(shape: dict[str, int], batch: int, loop: LoopShape, device: torch.device, top_k: int) -> dict:
     """The device syncs per step of the project's SFT and KD steps, by call site (3 steps after 2)."""
     found = {}
     for name, kd in (("project_sft", False), ("project_kd", True)):
         scan = SyncScan(start=2, steps=3)
-        project_variant(shape, batch, seq, device, 2, 3, kd=kd, top_k=top_k, scan=scan)
+        project_variant(shape, batch, loop, device, 2, 3, kd=kd, top_k=top_k, scan=scan)
         found[name] = {site: count / 3 for site, count in sorted(scan.sites.items(), key=lambda x: -x[1])}
         print(name, "syncs per step:", json.dumps(found[name], indent=2), flush=True)
     return found
@@ -275,6 +347,17 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,plain_chunked,project_sft,project_kd")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, interleaved")
     parser.add_argument("--sync-scan", action="store_true", help="list the device syncs per step first")
+    parser.add_argument(
+        "--precision",
+        default="bf16_pure",
+        choices=["bf16_pure", "bf16", "fp32"],
+        help="the project variants' train.precision (bf16: fp32 weights, bf16 autocast)",
+    )
+    parser.add_argument(
+        "--grad-accum", type=int, default=1, help="the project variants' micro-batches per step"
+    )
+    parser.add_argument("--lengths", default=None, help="MIN,MAX: the project variants' sequence lengths")
+    parser.add_argument("--profile", default="", help="project variants to profile for 5 steps after warm-up")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,18 +365,29 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if gpu and k in gpu), None)
     w, s, k = args.warmup, args.steps, args.top_k
+    shortest, longest = (int(n) for n in args.lengths.split(",")) if args.lengths else (seq, seq)
+    loop = LoopShape(args.precision, args.grad_accum, (min(shortest, seq), min(longest, seq)))
     makers = {
-        "plain": lambda: plain_variant(shape, batch, seq, device, w, s, chunked=False),
-        "plain_chunked": lambda: plain_variant(shape, batch, seq, device, w, s, chunked=True),
-        "project_sft": lambda: project_variant(shape, batch, seq, device, w, s, kd=False, top_k=k),
-        "project_kd": lambda: project_variant(shape, batch, seq, device, w, s, kd=True, top_k=k),
-    }
-    scans = sync_scan(shape, batch, seq, device, k) if args.sync_scan and device.type == "cuda" else None
+        "plain": lambda: (*plain_variant(shape, batch, seq, device, w, s, chunked=False), s * batch * seq),
+        "plain_chunked": lambda: (*plain_variant(shape, batch, seq, device, w, s, chunked=True), s * batch * seq),
+        **{
+            f"project_{method}{suffix}": functools.partial(
+                project_variant, shape, batch, loop, device, w, s, kd=method == "kd", top_k=k,
+                masks_without_sync=not suffix,
+            )
+            for method in ("sft", "kd")
+            for suffix in ("", "_synced")
+        },
+    }  # fmt: skip
+    scans = sync_scan(shape, batch, loop, device, k) if args.sync_scan and device.type == "cuda" else None
+    profiles = {}
+    for name in filter(None, args.profile.split(",")):
+        profiler = ProfileSteps(w, 5, args.out, name)
+        project_variant(shape, batch, loop, device, w, 5, kd="kd" in name, top_k=k,
+                        masks_without_sync="synced" not in name, scan=profiler)  # fmt: skip
+        profiles[name] = profiler.report
     names = args.variants.split(",")
-    rounds = [
-        {name: run_variant(name, makers[name], s, batch * seq, peak) for name in names}
-        for _ in range(args.repeats)
-    ]
+    rounds = [{name: run_variant(name, makers[name], s, peak) for name in names} for _ in range(args.repeats)]
     results = {
         name: {
             **{key: median([r[name][key] for r in rounds]) for key in rounds[0][name] if key != "n_params"},
@@ -306,6 +400,8 @@ def main() -> None:
         "project_sft_vs_plain_chunked": ("project_sft", "plain_chunked", "tok_per_s"),
         "project_kd_vs_project_sft": ("project_kd", "project_sft", "tok_per_s"),
         "project_kd_peak_mem_vs_project_sft": ("project_kd", "project_sft", "peak_mem_GB"),
+        "project_kd_vs_project_kd_synced": ("project_kd", "project_kd_synced", "tok_per_s"),
+        "project_sft_vs_project_sft_synced": ("project_sft", "project_sft_synced", "tok_per_s"),
     }
     per_round = {
         ratio: [r[a][key] / r[b][key] for r in rounds]
@@ -326,6 +422,7 @@ def main() -> None:
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "shape": shape, "batch": batch, "seq": seq,
             "warmup_steps": w, "timed_steps": s, "repeats": args.repeats, "top_k": k, "peak_flops": peak, "dtype": "bfloat16",
+            "project_loop": dataclasses.asdict(loop),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},
         },
@@ -334,6 +431,7 @@ def main() -> None:
         "ratios_per_round": per_round,
         "ratios_of_best_rounds": best,
         "sync_scan": scans,
+        "profiles": profiles,
         "goals": {"project_sft_vs_plain_chunked": ">= 0.95", "project_kd_vs_project_sft": ">= 0.97",
                   "project_kd_peak_mem_vs_project_sft": "<= 1.05"},
     }  # fmt: skip

@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from transformers import masking_utils
 
 from conftest import small_config
 from dist_bench import models, pipeline
@@ -43,7 +44,9 @@ def kd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 PLAIN: dict[str, tuple[list[dict], object]] = {}  # method -> the plain configuration's two steps
 
 
-def two_steps(workdir: Path, overrides: list[str], cache_dir: Path | None) -> tuple[list[dict], object]:
+def two_steps(
+    workdir: Path, overrides: list[str], cache_dir: Path | None, masks_without_sync: bool = True
+) -> tuple[list[dict], object]:
     """The per-step logs of two optimizer steps, and the plan's token counts."""
     cfg = small_config(
         workdir,
@@ -62,9 +65,12 @@ def two_steps(workdir: Path, overrides: list[str], cache_dir: Path | None) -> tu
     )
     cache = open_cache(cache_dir) if cache_dir is not None else None
     out = workdir / ("_".join(overrides).replace("=", "-").replace(".", "-") or "plain")
+    out = out.with_name(out.name + ("" if masks_without_sync else "-masks-synced"))
     trainer, _ = build_trainer(cfg, model, tokenizer, examples, plan, out, None, cache)
     trainer.args.save_strategy = "no"
+    trainer.masks_without_sync = masks_without_sync
     trainer.train()
+    assert model.config._attn_implementation == cfg.train.attn_implementation  # as it was, after training
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return logs, plan_counts(plan, examples, 2, cfg.train.packing)
 
@@ -86,3 +92,28 @@ def test_an_option_computes_the_same_steps(workdir: Path, kd_cache: Path, method
         assert counts.padded_tokens == counts.tokens < plain_counts.padded_tokens
     else:
         assert counts == plain_counts
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_padded_batches_build_their_masks_without_asking_the_device(
+    workdir: Path, kd_cache: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """student/masks.py: while training, a padded batch's SDPA mask is built without transformers' check of
+    whether its padding mask is all ones (on CUDA a host sync, twice per forward), and the steps are the
+    same, bit for bit: the mask is the one transformers builds for a batch with padding."""
+    asked: list[bool] = []
+    check = masking_utils._ignore_causal_mask_sdpa
+
+    def counted(padding_mask: torch.Tensor | None, *args: object, **kwargs: object) -> bool:
+        asked.append(padding_mask is not None)
+        return check(padding_mask, *args, **kwargs)
+
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", counted)
+    cache = kd_cache if method == "kd" else None
+    synced, _ = two_steps(workdir, [], cache, masks_without_sync=False)
+    assert any(asked)  # transformers' own builder read the padding masks: this test can tell
+    asked.clear()
+    unsynced, counts = two_steps(workdir, [], cache)
+    assert counts.padded_tokens > counts.tokens  # the batches had padding
+    assert not any(asked)
+    assert [(s["loss"], s["grad_norm"]) for s in unsynced] == [(s["loss"], s["grad_norm"]) for s in synced]

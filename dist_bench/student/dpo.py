@@ -35,6 +35,7 @@ from dist_bench.config import RunConfig, flatten
 from dist_bench.dataset import data_fingerprint
 from dist_bench.errors import DataError
 from dist_bench.generation.pairs import read_pairs
+from dist_bench.student.masks import MasksWithoutSync
 from dist_bench.student.trainer import (
     BudgetProgress,
     LeanLastCheckpoint,
@@ -110,7 +111,7 @@ def split_heldout(n_pairs: int, heldout: int, seed: int) -> tuple[list[int], lis
     return [i for i in range(n_pairs) if i not in held], sorted(held)
 
 
-class PolicyTrainer(LeanLastCheckpoint, DPOTrainer):
+class PolicyTrainer(MasksWithoutSync, LeanLastCheckpoint, DPOTrainer):
     """DPOTrainer over the planned batches (the same seeded, budgeted plan as the other methods)."""
 
     plan: list[list[list[int]]]  # set once TRL has tokenized the pairs

@@ -48,6 +48,7 @@ from dist_bench.config import KDConfig, RunConfig
 from dist_bench.dataset import IGNORE, Example
 from dist_bench.progress import Progress
 from dist_bench.student.losses import DEFAULT_CHUNK, VOCAB_TILE, kd_loss
+from dist_bench.student.masks import MasksWithoutSync
 from dist_bench.teacher.cache_format import TopKCache, TopPCache
 from dist_bench.tracking import StageContext
 
@@ -158,6 +159,7 @@ class StudentCollator:
         if "attention_mask" in batch and bool(batch["attention_mask"].all()):
             # No padding: without a mask HF's sdpa path runs plain causal attention. With one it checks on
             # the device whether the mask is all ones (`_ignore_causal_mask_sdpa`): a host sync per step.
+            # A mask that stays means padding, and the trainer builds it without asking (student/masks.py).
             del batch["attention_mask"]
         if self.cache is not None:
             ids, logprobs = self.cache.batch([int(r["example_index"]) for r in rows])
@@ -261,7 +263,7 @@ class LeanLastCheckpoint:
             self.args.save_only_model = keep  # type: ignore[attr-defined]
 
 
-class StudentTrainer(LeanLastCheckpoint, SFTTrainer):
+class StudentTrainer(MasksWithoutSync, LeanLastCheckpoint, SFTTrainer):
     """SFTTrainer on the batch plan, with metrics kept on the device until a log step."""
 
     def __init__(
