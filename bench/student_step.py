@@ -12,6 +12,8 @@ supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one
 - project_sft_synced, project_kd_synced   the same with transformers' own SDPA mask builder, which asks the
                  device whether a padded batch's mask is all ones (student/masks.py): the baseline of
                  `masks_without_sync`, which only padded batches (`--lengths`) exercise
+- project_sft_liger, project_kd_liger     the same with `train.liger_kernel` (Liger's RMSNorm, SwiGLU and RoPE
+                 kernels; CUDA only)
 The pipeline's own shape (bench/scale_out.py: fp32 weights under bf16 autocast, 2 micro-batches per step,
 sequences of different lengths, so padded batches):
     python bench/student_step.py --out $OUT --precision bf16 --grad-accum 2 --lengths 768,1024 \
@@ -251,6 +253,7 @@ def project_variant(
     kd: bool,
     top_k: int,
     masks_without_sync: bool = True,
+    liger: bool = False,
     scan: TrainerCallback | None = None,
 ) -> tuple[Meter, int, int]:
     """The timed steps' meter, the model's parameter count and the timed steps' tokens (without padding)."""
@@ -264,7 +267,7 @@ def project_variant(
             f"train.device={device.type}", f"train.max_steps={n_steps}", "train.token_budget=1000000000",
             "train.checkpoint_every=1000000", "train.log_every=1000000", "train.optimizer.lr=1e-4",
             "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant", "data.supervise=all",
-            f"data.max_length={longest}",
+            f"data.max_length={longest}", f"train.liger_kernel={str(liger).lower()}",
         ],
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
@@ -373,10 +376,10 @@ def main() -> None:
         **{
             f"project_{method}{suffix}": functools.partial(
                 project_variant, shape, batch, loop, device, w, s, kd=method == "kd", top_k=k,
-                masks_without_sync=not suffix,
+                masks_without_sync=suffix != "_synced", liger=suffix == "_liger",
             )
             for method in ("sft", "kd")
-            for suffix in ("", "_synced")
+            for suffix in ("", "_synced", "_liger")
         },
     }  # fmt: skip
     scans = sync_scan(shape, batch, loop, device, k) if args.sync_scan and device.type == "cuda" else None
@@ -384,9 +387,13 @@ def main() -> None:
     for name in filter(None, args.profile.split(",")):
         profiler = ProfileSteps(w, 5, args.out, name)
         project_variant(shape, batch, loop, device, w, 5, kd="kd" in name, top_k=k,
-                        masks_without_sync="synced" not in name, scan=profiler)  # fmt: skip
+                        masks_without_sync="synced" not in name, liger="liger" in name, scan=profiler)  # fmt: skip
         profiles[name] = profiler.report
     names = args.variants.split(",")
+    if any("liger" in name for name in names) and not all("liger" in name for name in names):
+        # Liger patches the model family's classes for the rest of the process: a later plain variant would
+        # run its kernels too. Run the liger variants in an invocation of their own.
+        parser.error("--variants: liger variants cannot share an invocation with the others")
     rounds = [{name: run_variant(name, makers[name], s, peak) for name in names} for _ in range(args.repeats)]
     results = {
         name: {
@@ -402,6 +409,8 @@ def main() -> None:
         "project_kd_peak_mem_vs_project_sft": ("project_kd", "project_sft", "peak_mem_GB"),
         "project_kd_vs_project_kd_synced": ("project_kd", "project_kd_synced", "tok_per_s"),
         "project_sft_vs_project_sft_synced": ("project_sft", "project_sft_synced", "tok_per_s"),
+        "project_kd_liger_vs_project_kd": ("project_kd_liger", "project_kd", "tok_per_s"),
+        "project_sft_liger_vs_project_sft": ("project_sft_liger", "project_sft", "tok_per_s"),
     }
     per_round = {
         ratio: [r[a][key] / r[b][key] for r in rounds]

@@ -200,6 +200,17 @@ def test_cuda_requested_without_a_gpu(tmp_path: Path) -> None:
     assert_rejected(done, tmp_path, "train.device=cuda", "no CUDA device")
 
 
+@pytest.mark.parametrize("pipeline", ["kd", "sft", "dpo"])
+def test_liger_kernels_without_a_gpu(tmp_path: Path, pipeline: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = PROJECT / "configs" / "experiments" / f"tiny_{pipeline}.yaml"
+    done = dist_bench(tmp_path, pipeline, "--config", str(config), "train.liger_kernel=true")
+    assert_rejected(done, tmp_path, "train.liger_kernel", "need a CUDA device")
+
+
 def test_run_dir_that_is_not_writable(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -19,7 +19,7 @@ from transformers import masking_utils
 from conftest import small_config
 from dist_bench import models, pipeline
 from dist_bench.dataset import load_examples
-from dist_bench.student.trainer import build_trainer, plan_counts, plan_steps
+from dist_bench.student.trainer import build_trainer, plan_counts, plan_steps, training_args
 from dist_bench.teacher.cache_format import open_cache
 
 OPTIONS = {
@@ -61,7 +61,10 @@ def two_steps(
     plan = plan_steps(examples, cfg)
     torch.manual_seed(0)
     model = models.load_model(
-        cfg.student.model, torch.device("cpu"), "float32", attn_implementation=cfg.train.attn_implementation
+        cfg.student.model,
+        models.pick_device(cfg.train.device),
+        "float32",
+        attn_implementation=cfg.train.attn_implementation,
     )
     cache = open_cache(cache_dir) if cache_dir is not None else None
     out = workdir / ("_".join(overrides).replace("=", "-").replace(".", "-") or "plain")
@@ -117,3 +120,25 @@ def test_padded_batches_build_their_masks_without_asking_the_device(
     assert counts.padded_tokens > counts.tokens  # the batches had padding
     assert not any(asked)
     assert [(s["loss"], s["grad_norm"]) for s in unsynced] == [(s["loss"], s["grad_norm"]) for s in synced]
+
+
+def test_liger_kernels_reach_trl_without_its_loss(workdir: Path) -> None:
+    """train.liger_kernel: TRL's use_liger_kernel, the decoder layers' kernels only (the losses stay ours)."""
+    device = torch.device("cpu")
+    assert not training_args(small_config(workdir), workdir / "plain", 1, device).use_liger_kernel
+    args = training_args(small_config(workdir, "train.liger_kernel=true"), workdir / "liger", 1, device)
+    assert args.use_liger_kernel
+    assert args.liger_kernel_config == {"fused_linear_cross_entropy": False, "cross_entropy": False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton kernels: CUDA only")
+def test_liger_kernels_compute_the_same_steps(workdir: Path, kd_cache: Path) -> None:
+    """On a GPU: two steps of SFT and of KD with Liger's layer kernels agree with transformers' own. Liger
+    patches the model classes for the rest of the process, so the plain runs come first."""
+    plain = {method: two_steps(workdir, ["train.device=cuda"], cache)[0]
+             for method, cache in (("sft", None), ("kd", kd_cache))}  # fmt: skip
+    for method, cache in (("sft", None), ("kd", kd_cache)):
+        liger, _ = two_steps(workdir, ["train.device=cuda", "train.liger_kernel=true"], cache)
+        for ours, theirs in zip(liger, plain[method], strict=True):
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+            assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)

@@ -447,6 +447,12 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         bf16=train.precision == "bf16" and cuda,
         use_cpu=not cuda,
         gradient_checkpointing=train.gradient_checkpointing,
+        # The decoder layers' kernels only: the LM-head losses are the project's (student/losses.py) or TRL's
+        # fused head, which Liger's fused linear cross-entropy would replace.
+        use_liger_kernel=train.liger_kernel,
+        liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}
+        if train.liger_kernel
+        else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=train.log_every,
