@@ -394,6 +394,11 @@ def main() -> None:
         # Liger patches the model family's classes for the rest of the process: a later plain variant would
         # run its kernels too. Run the liger variants in an invocation of their own.
         parser.error("--variants: liger variants cannot share an invocation with the others")
+    if loop.lengths[0] < loop.lengths[1]:
+        # Every new sequence length builds cuDNN's attention plans on the host (~2 ms per layer call, against
+        # 0.15 ms once cached). The first variant of a process would pay them for every later one: one
+        # untimed pass over the same batches first.
+        run_variant(f"{names[0]} (untimed: cuDNN plans for every length)", makers[names[0]], s, peak)
     rounds = [{name: run_variant(name, makers[name], s, peak) for name in names} for _ in range(args.repeats)]
     results = {
         name: {
