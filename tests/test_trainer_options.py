@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from test_dpo import dpo_config, write_pairs
 from transformers import masking_utils
 
 from conftest import small_config
@@ -131,14 +132,32 @@ def test_liger_kernels_reach_trl_without_its_loss(workdir: Path) -> None:
     assert args.liger_kernel_config == {"fused_linear_cross_entropy": False, "cross_entropy": False}
 
 
+def liger_applied() -> bool:
+    """Liger replaces the Qwen2 family's classes for the rest of the process once a trainer applies it."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    return modeling_qwen2.Qwen2RMSNorm.__module__.startswith("liger_kernel")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton kernels: CUDA only")
 def test_liger_kernels_compute_the_same_steps(workdir: Path, kd_cache: Path) -> None:
-    """On a GPU: two steps of SFT and of KD with Liger's layer kernels agree with transformers' own. Liger
-    patches the model classes for the rest of the process, so the plain runs come first."""
-    plain = {method: two_steps(workdir, ["train.device=cuda"], cache)[0]
-             for method, cache in (("sft", None), ("kd", kd_cache))}  # fmt: skip
-    for method, cache in (("sft", None), ("kd", kd_cache)):
+    """On a GPU: two steps of SFT, KD and DPO with Liger's layer kernels agree with transformers' own. Liger
+    patches the model classes for the rest of the process, so every plain run comes first (and a process
+    where something applied Liger before cannot pass this test by comparing Liger with itself)."""
+    assert not liger_applied()
+    methods = {"sft": None, "kd": kd_cache}
+    plain = {method: two_steps(workdir, ["train.device=cuda"], cache)[0] for method, cache in methods.items()}
+    pairs = write_pairs(workdir)
+    dpo_steps = ["train.device=cuda", "train.max_steps=2", "train.log_every=1"]
+    plain_dpo = pipeline.dpo(dpo_config(workdir, pairs, *dpo_steps)).stages[0].metrics
+    for method, cache in methods.items():
         liger, _ = two_steps(workdir, ["train.device=cuda", "train.liger_kernel=true"], cache)
+        assert liger_applied()
         for ours, theirs in zip(liger, plain[method], strict=True):
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
             assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-3)
+    liger_dpo = (
+        pipeline.dpo(dpo_config(workdir, pairs, *dpo_steps, "train.liger_kernel=true")).stages[0].metrics
+    )
+    for name in ("final_train_loss", "final_train_rewards_margins"):
+        assert liger_dpo[name] == pytest.approx(plain_dpo[name], rel=1e-3, abs=1e-5), name
