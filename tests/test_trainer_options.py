@@ -133,10 +133,11 @@ def test_liger_kernels_reach_trl_without_its_loss(workdir: Path) -> None:
 
 
 def liger_applied() -> bool:
-    """Liger replaces the Qwen2 family's classes for the rest of the process once a trainer applies it."""
-    from transformers.models.qwen2 import modeling_qwen2
+    """Liger replaces the model family's classes (the tiny world's students are Llama-shaped) for the rest of
+    the process once a trainer applies it."""
+    from transformers.models.llama import modeling_llama
 
-    return modeling_qwen2.Qwen2RMSNorm.__module__.startswith("liger_kernel")
+    return modeling_llama.LlamaRMSNorm.__module__.startswith("liger_kernel")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton kernels: CUDA only")
