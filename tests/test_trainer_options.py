@@ -162,3 +162,43 @@ def test_liger_kernels_compute_the_same_steps(workdir: Path, kd_cache: Path) -> 
     )
     for name in ("final_train_loss", "final_train_rewards_margins"):
         assert liger_dpo[name] == pytest.approx(plain_dpo[name], rel=1e-3, abs=1e-5), name
+
+
+def test_the_mask_builder_is_swapped_only_while_training_and_only_where_looked_up_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MasksWithoutSync: the SDPA models of a trainer (policy and reference) train under the no-sync mask
+    builder and are on plain SDPA again afterwards, also when training fails; a model class that does not
+    look its attention up in transformers' registries keeps "sdpa" (another name would send it to eager)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dist_bench.student import masks
+
+    def tiny() -> LlamaForCausalLM:
+        shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+        return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation="sdpa"))
+
+    class Trainer:
+        def __init__(self, model: torch.nn.Module, ref_model: torch.nn.Module | None = None) -> None:
+            self.model, self.ref_model = model, ref_model
+
+        def train(self, fail: bool = False) -> list[str]:
+            if fail:
+                raise RuntimeError("a failed step")
+            return [m.config._attn_implementation for m in (self.model, self.ref_model) if m is not None]
+
+    class PlanTrainer(masks.MasksWithoutSync, Trainer):
+        pass
+
+    policy, reference = tiny(), tiny()
+    trainer = PlanTrainer(policy, reference)
+    assert trainer.train() == [masks.ATTENTION, masks.ATTENTION]
+    assert [policy.config._attn_implementation, reference.config._attn_implementation] == ["sdpa", "sdpa"]
+    with pytest.raises(RuntimeError):
+        trainer.train(fail=True)
+    assert policy.config._attn_implementation == "sdpa"
+    trainer.masks_without_sync = False
+    assert trainer.train() == ["sdpa", "sdpa"]
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    assert PlanTrainer(tiny()).train() == ["sdpa"]

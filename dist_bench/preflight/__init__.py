@@ -104,7 +104,7 @@ def kd(cfg: RunConfig) -> list[Check]:
     checks += [data.check, device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     teacher = model_facts(teacher_source, cfg.teacher)
     student = model_facts(student_source, cfg.student)
-    checks += [top_k(cfg, teacher), same_vocabulary(teacher, student), student_kernels(cfg, student)]
+    checks += [top_k(cfg, teacher), same_vocabulary(teacher, student), *student_kernels(cfg, student)]
     checks += [eval_tasks(cfg.eval, student), *judge_check(cfg.eval), cache_disk(cfg, teacher, data)]
     return checks
 
@@ -123,7 +123,7 @@ def sft(cfg: RunConfig) -> list[Check]:
         checks += teacher_generation(cfg, data)
     checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     student = model_facts(student_source, cfg.student)
-    return [*checks, student_kernels(cfg, student), eval_tasks(cfg.eval, student), *judge_check(cfg.eval)]
+    return [*checks, *student_kernels(cfg, student), eval_tasks(cfg.eval, student), *judge_check(cfg.eval)]
 
 
 def dpo(cfg: RunConfig) -> list[Check]:
@@ -143,7 +143,7 @@ def dpo(cfg: RunConfig) -> list[Check]:
         checks.append(preference_pairs(cfg))
     checks += [device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     policy = model_facts(policy_source, cfg.student)
-    return [*checks, student_kernels(cfg, policy), eval_tasks(cfg.eval, policy), *judge_check(cfg.eval)]
+    return [*checks, *student_kernels(cfg, policy), eval_tasks(cfg.eval, policy), *judge_check(cfg.eval)]
 
 
 def generate(cfg: RunConfig) -> list[Check]:

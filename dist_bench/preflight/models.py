@@ -206,15 +206,16 @@ def same_vocabulary(teacher: ModelFacts, student: ModelFacts) -> Check:
     return Check("vocabulary", f"teacher and student share one tokenizer ({teacher.vocab_size} tokens)")
 
 
-def student_kernels(cfg: RunConfig, student: ModelFacts) -> Check:
-    """train.liger_kernel: a GPU, the liger-kernel package, and a model family Liger patches (for any other,
-    transformers' Trainer only logs a warning and trains without them: a run the config does not describe)."""
+def student_kernels(cfg: RunConfig, student: ModelFacts) -> list[Check]:
+    """train.liger_kernel, where set: a GPU, the liger-kernel package, and a model family Liger patches (for
+    any other, transformers' Trainer only logs a warning and trains without them: a run the config does not
+    describe)."""
     import importlib.util
 
     import torch
 
     if not cfg.train.liger_kernel:
-        return Check("train.liger_kernel", "off (transformers' own layer kernels)")
+        return []
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
         raise PreflightError("train.liger_kernel: Liger's kernels are Triton kernels and need a CUDA device")
     if importlib.util.find_spec("liger_kernel") is None:
@@ -229,4 +230,4 @@ def student_kernels(cfg: RunConfig, student: ModelFacts) -> Check:
             f"train.liger_kernel: Liger has no kernels for model_type {model_type!r} of "
             f"{student.source.spec} (it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})"
         )
-    return Check("train.liger_kernel", f"Liger kernels for {model_type}")
+    return [Check("train.liger_kernel", f"Liger kernels for {model_type}")]

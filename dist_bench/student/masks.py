@@ -43,6 +43,13 @@ AttentionInterface.register(ATTENTION, sdpa_attention_forward)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask_of_padded_batch)
 
 
+def on_sdpa_through_the_interface(model: torch.nn.Module) -> bool:
+    """SDPA, in a model that looks its attention and mask builder up by name in transformers' registries.
+    A model that does not (`is_backend_compatible` false) compares the name with "sdpa" itself, and
+    another name would quietly send it down its eager path."""
+    return model.config._attn_implementation == "sdpa" and type(model).is_backend_compatible()
+
+
 class MasksWithoutSync:
     """Mixed into the student trainers (SFT, KD, DPO): while `train` runs, the models on transformers' SDPA
     path build their padded batches' masks with `sdpa_mask_of_padded_batch`. Afterwards they are on plain
@@ -56,7 +63,7 @@ class MasksWithoutSync:
         swapped = [
             model
             for model in candidates
-            if self.masks_without_sync and model is not None and model.config._attn_implementation == "sdpa"
+            if self.masks_without_sync and model is not None and on_sdpa_through_the_interface(model)
         ]
         for model in swapped:
             model.set_attn_implementation(ATTENTION)
