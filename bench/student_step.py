@@ -308,6 +308,17 @@ def random_cache(sequences: int, positions: int, k: int, vocab: int) -> TopKCach
     return TopKCache({}, ids, logprobs.float(), torch.arange(sequences) * positions, counts)
 
 
+PROJECT_VARIANTS = [
+    f"project_{method}{suffix}" for method in ("sft", "kd") for suffix in ("", "_synced", "_liger")
+]
+
+
+def options(name: str) -> dict[str, bool]:
+    """A project variant's name -> how project_variant runs it (the module docstring lists them)."""
+    return {"kd": name.startswith("project_kd"), "masks_without_sync": not name.endswith("_synced"),
+            "liger": name.endswith("_liger")}  # fmt: skip
+
+
 def run_variant(
     name: str, make: Callable[[], tuple[Meter, int, int]], steps: int, peak: float | None
 ) -> dict:
@@ -372,28 +383,29 @@ def main() -> None:
     loop = LoopShape(args.precision, args.grad_accum, (min(shortest, seq), min(longest, seq)))
     makers = {
         "plain": lambda: (*plain_variant(shape, batch, seq, device, w, s, chunked=False), s * batch * seq),
-        "plain_chunked": lambda: (*plain_variant(shape, batch, seq, device, w, s, chunked=True), s * batch * seq),
+        "plain_chunked": lambda: (
+            *plain_variant(shape, batch, seq, device, w, s, chunked=True),
+            s * batch * seq,
+        ),
         **{
-            f"project_{method}{suffix}": functools.partial(
-                project_variant, shape, batch, loop, device, w, s, kd=method == "kd", top_k=k,
-                masks_without_sync=suffix != "_synced", liger=suffix == "_liger",
+            name: functools.partial(
+                project_variant, shape, batch, loop, device, w, s, top_k=k, **options(name)
             )
-            for method in ("sft", "kd")
-            for suffix in ("", "_synced", "_liger")
+            for name in PROJECT_VARIANTS
         },
-    }  # fmt: skip
-    scans = sync_scan(shape, batch, loop, device, k) if args.sync_scan and device.type == "cuda" else None
-    profiles = {}
-    for name in filter(None, args.profile.split(",")):
-        profiler = ProfileSteps(w, 5, args.out, name)
-        project_variant(shape, batch, loop, device, w, 5, kd="kd" in name, top_k=k,
-                        masks_without_sync="synced" not in name, liger="liger" in name, scan=profiler)  # fmt: skip
-        profiles[name] = profiler.report
+    }
     names = args.variants.split(",")
-    if any("liger" in name for name in names) and not all("liger" in name for name in names):
+    profiled = list(filter(None, args.profile.split(",")))
+    if len({options(name)["liger"] for name in names + profiled}) > 1:
         # Liger patches the model family's classes for the rest of the process: a later plain variant would
         # run its kernels too. Run the liger variants in an invocation of their own.
-        parser.error("--variants: liger variants cannot share an invocation with the others")
+        parser.error("--variants, --profile: liger variants cannot share an invocation with the others")
+    scans = sync_scan(shape, batch, loop, device, k) if args.sync_scan and device.type == "cuda" else None
+    profiles = {}
+    for name in profiled:
+        profiler = ProfileSteps(w, 5, args.out, name)
+        project_variant(shape, batch, loop, device, w, 5, top_k=k, scan=profiler, **options(name))
+        profiles[name] = profiler.report
     if loop.lengths[0] < loop.lengths[1]:
         # Every new sequence length builds cuDNN's attention plans on the host (~2 ms per layer call, against
         # 0.15 ms once cached). The first variant of a process would pay them for every later one: one
