@@ -8,12 +8,15 @@ supervised, bf16 weights, sdpa attention, fused AdamW, grad clipping at 1.0, one
 - plain          a plain PyTorch step: model(input_ids, labels) with full logits
 - plain_chunked  the same step with TRL's chunked LM-head loss (trl add_fused_lm_head)
 - project_sft    dist-bench's student trainer, SFT (student/trainer.py: StudentTrainer)
-- project_kd     dist-bench's student trainer, KD from a top-64 cache (KDTrainer, losses.kd_loss)
+- project_kd     dist-bench's student trainer, KD from a top-k cache (KDTrainer, losses.kd_loss): the pipeline's
+                 format 2 at its default top-16 (`--cache-format 1` for format 1's plain top-k rows)
 - project_sft_synced, project_kd_synced   the same with transformers' own SDPA mask builder, which asks the
                  device whether a padded batch's mask is all ones (student/masks.py): the baseline of
                  `masks_without_sync`, which only padded batches (`--lengths`) exercise
 - project_sft_liger, project_kd_liger     the same with `train.liger_kernel` (Liger's RMSNorm, SwiGLU and RoPE
                  kernels; CUDA only)
+- project_sft_inline, project_kd_inline   the same with the batches collated in the training process
+                 (`train.dataloader_workers=0`): the baseline of the workers that collate ahead on CUDA
 The pipeline's own shape (bench/scale_out.py: fp32 weights under bf16 autocast, 2 micro-batches per step,
 sequences of different lengths, so padded batches):
     python bench/student_step.py --out $OUT --precision bf16 --grad-accum 2 --lengths 768,1024 \
@@ -57,7 +60,7 @@ from dist_bench import tinyworld
 from dist_bench.config import load_config
 from dist_bench.dataset import Example
 from dist_bench.student.trainer import build_trainer, plan_steps
-from dist_bench.teacher.cache_format import TopKCache
+from dist_bench.teacher.cache_format import TopKCache, TopPCache, id_bits, pack_ids
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16, SXM
 QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -252,6 +255,8 @@ def project_variant(
     steps: int,
     kd: bool,
     top_k: int,
+    cache_format: int = 2,
+    workers: int | None = None,
     masks_without_sync: bool = True,
     liger: bool = False,
     scan: TrainerCallback | None = None,
@@ -268,6 +273,7 @@ def project_variant(
             "train.checkpoint_every=1000000", "train.log_every=1000000", "train.optimizer.lr=1e-4",
             "train.optimizer.warmup_steps=0", "train.optimizer.schedule=constant", "data.supervise=all",
             f"data.max_length={longest}", f"train.liger_kernel={str(liger).lower()}",
+            *([f"train.dataloader_workers={workers}"] if workers is not None else []),
         ],
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
@@ -280,7 +286,8 @@ def project_variant(
     ]
     plan = plan_steps(examples, cfg)
     timed_tokens = sum(len(examples[i].input_ids) for step in plan[warmup:] for micro in step for i in micro)
-    cache = random_cache(len(examples), longest - 1, top_k, shape["vocab_size"]) if kd else None
+    make_cache = random_cache if cache_format == 1 else random_top_p_cache
+    cache = make_cache(len(examples), longest - 1, top_k, shape["vocab_size"]) if kd else None
     if cache is not None:  # each sequence's supervised positions: all but its first token
         cache.row_count = lengths - 1
         cache.row_start = torch.arange(len(examples)) * (longest - 1)
@@ -308,15 +315,39 @@ def random_cache(sequences: int, positions: int, k: int, vocab: int) -> TopKCach
     return TopKCache({}, ids, logprobs.float(), torch.arange(sequences) * positions, counts)
 
 
+def random_top_p_cache(sequences: int, positions: int, k: int, vocab: int) -> TopPCache:
+    """A format-2 cache as the pipeline writes it at cover 1.0: k kept tokens per position, ids bit-packed,
+    log-probs as 8-bit codes below the top-1, and the tail's mass; decoded a batch at a time."""
+    rows = sequences * positions
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randint(0, vocab, (rows, 1), generator=generator)
+    ids = ((base + torch.arange(k) * 7919) % vocab).flatten().numpy()
+    bits = id_bits(vocab)
+    stream = torch.from_numpy(pack_ids(ids, bits).copy())
+    counts = torch.full((rows,), k, dtype=torch.int64)
+    codes = torch.sort(torch.randint(0, 256, (rows, k - 1), generator=generator), -1).values.to(torch.uint8)
+    return TopPCache(
+        {"id_bits": bits, "logprob_step": 1 / 8},
+        counts,
+        torch.full((rows,), -3.0, dtype=torch.float16),  # log of the tail's mass
+        codes.flatten(),
+        torch.cat([stream, torch.zeros(3, dtype=torch.uint8)]),
+        torch.arange(rows) * k * bits,
+        torch.arange(rows) * (k - 1),
+        torch.arange(sequences) * positions,
+        torch.full((sequences,), positions, dtype=torch.int64),
+    )
+
+
 PROJECT_VARIANTS = [
-    f"project_{method}{suffix}" for method in ("sft", "kd") for suffix in ("", "_synced", "_liger")
+    f"project_{method}{suffix}" for method in ("sft", "kd") for suffix in ("", "_synced", "_liger", "_inline")
 ]
 
 
-def options(name: str) -> dict[str, bool]:
+def options(name: str) -> dict[str, Any]:
     """A project variant's name -> how project_variant runs it (the module docstring lists them)."""
     return {"kd": name.startswith("project_kd"), "masks_without_sync": not name.endswith("_synced"),
-            "liger": name.endswith("_liger")}  # fmt: skip
+            "liger": name.endswith("_liger"), "workers": 0 if name.endswith("_inline") else None}  # fmt: skip
 
 
 def run_variant(
@@ -357,7 +388,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shape on whatever device there is")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument(
+        "--top-k", type=int, default=16, help="KD: teacher tokens per position (logits.top_k)"
+    )
+    parser.add_argument("--cache-format", type=int, default=2, choices=[1, 2], help="KD: the cache's format")
     parser.add_argument("--variants", default="plain,plain_chunked,project_sft,project_kd")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of all variants, interleaved")
     parser.add_argument("--sync-scan", action="store_true", help="list the device syncs per step first")
@@ -389,7 +423,16 @@ def main() -> None:
         ),
         **{
             name: functools.partial(
-                project_variant, shape, batch, loop, device, w, s, top_k=k, **options(name)
+                project_variant,
+                shape,
+                batch,
+                loop,
+                device,
+                w,
+                s,
+                top_k=k,
+                cache_format=args.cache_format,
+                **options(name),
             )
             for name in PROJECT_VARIANTS
         },
@@ -404,7 +447,18 @@ def main() -> None:
     profiles = {}
     for name in profiled:
         profiler = ProfileSteps(w, 5, args.out, name)
-        project_variant(shape, batch, loop, device, w, 5, top_k=k, scan=profiler, **options(name))
+        project_variant(
+            shape,
+            batch,
+            loop,
+            device,
+            w,
+            5,
+            top_k=k,
+            cache_format=args.cache_format,
+            scan=profiler,
+            **options(name),
+        )
         profiles[name] = profiler.report
     if loop.lengths[0] < loop.lengths[1]:
         # Every new sequence length builds cuDNN's attention plans on the host (~2 ms per layer call, against
@@ -428,6 +482,8 @@ def main() -> None:
         "project_sft_vs_project_sft_synced": ("project_sft", "project_sft_synced", "tok_per_s"),
         "project_kd_liger_vs_project_kd": ("project_kd_liger", "project_kd", "tok_per_s"),
         "project_sft_liger_vs_project_sft": ("project_sft_liger", "project_sft", "tok_per_s"),
+        "project_kd_vs_project_kd_inline": ("project_kd", "project_kd_inline", "tok_per_s"),
+        "project_sft_vs_project_sft_inline": ("project_sft", "project_sft_inline", "tok_per_s"),
     }
     per_round = {
         ratio: [r[a][key] / r[b][key] for r in rounds]
@@ -447,7 +503,7 @@ def main() -> None:
     report = {
         "meta": {
             "date": time.strftime("%Y-%m-%d"), "gpu": gpu, "shape": shape, "batch": batch, "seq": seq,
-            "warmup_steps": w, "timed_steps": s, "repeats": args.repeats, "top_k": k, "peak_flops": peak, "dtype": "bfloat16",
+            "warmup_steps": w, "timed_steps": s, "repeats": args.repeats, "top_k": k, "cache_format": args.cache_format, "peak_flops": peak, "dtype": "bfloat16",
             "project_loop": dataclasses.asdict(loop),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "trl": trl.__version__},

@@ -242,6 +242,14 @@ class TrainConfig(Strict):
         "time per step, for SFT, KD and DPO alike. The LM-head losses stay the project's. Liger patches the "
         "model family's classes for the rest of the process",
     )
+    dataloader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="processes that collate the next micro-batches (KD: decode the teacher cache) while the "
+        "current step runs (TrainingArguments.dataloader_num_workers), for SFT, KD and DPO alike; the batches "
+        "and their order are the same. Unset: 2 on CUDA, where collating in the training process leaves the "
+        "GPU idle; 0 on CPU, where workers would take the cores the step computes on",
+    )
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk; older ones removed")
     log_every: int = Field(10, ge=1, description="optimizer steps between train/* metrics in the stage run")

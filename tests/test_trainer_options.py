@@ -9,6 +9,7 @@ change the loss.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,14 @@ from transformers import masking_utils
 from conftest import small_config
 from dist_bench import models, pipeline
 from dist_bench.dataset import load_examples
-from dist_bench.student.trainer import build_trainer, plan_counts, plan_steps, training_args
+from dist_bench.student.trainer import (
+    StudentCollator,
+    build_trainer,
+    plan_counts,
+    plan_steps,
+    shared_arguments,
+    training_args,
+)
 from dist_bench.teacher.cache_format import open_cache
 
 OPTIONS = {
@@ -121,6 +129,40 @@ def test_padded_batches_build_their_masks_without_asking_the_device(
     assert counts.padded_tokens > counts.tokens  # the batches had padding
     assert not any(asked)
     assert [(s["loss"], s["grad_norm"]) for s in unsynced] == [(s["loss"], s["grad_norm"]) for s in synced]
+
+
+def test_dataloader_workers_collate_in_other_processes_and_compute_the_same_steps(
+    workdir: Path, kd_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.dataloader_workers: KD's batches (with their cache rows) are collated in worker processes, and
+    the steps are the same, bit for bit, as with the batches collated in the training process."""
+    collating = workdir / "collating_pids"
+    collate = StudentCollator.__call__
+
+    def recorded(self: StudentCollator, rows: list[dict]) -> dict:
+        with collating.open("a") as pids:  # a file: the workers' memory is their own
+            pids.write(f"{os.getpid()}\n")
+        return collate(self, rows)
+
+    monkeypatch.setattr(StudentCollator, "__call__", recorded)
+    inline, _ = two_steps(workdir, [], kd_cache)  # on CPU, unset means none
+    assert set(collating.read_text().split()) == {str(os.getpid())}
+    collating.unlink()
+    workers, _ = two_steps(workdir, ["train.dataloader_workers=2"], kd_cache)
+    pids = set(collating.read_text().split())
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    assert [(s["loss"], s["grad_norm"]) for s in workers] == [(s["loss"], s["grad_norm"]) for s in inline]
+
+
+def test_dataloader_workers_default_to_two_on_cuda_and_none_on_cpu(workdir: Path) -> None:
+    cfg = small_config(workdir)
+    on = {kind: shared_arguments(cfg, workdir, 1, torch.device(kind)) for kind in ("cpu", "cuda")}
+    assert (on["cpu"]["dataloader_num_workers"], on["cuda"]["dataloader_num_workers"]) == (0, 2)
+    assert on["cuda"]["dataloader_persistent_workers"] and on["cuda"]["dataloader_pin_memory"]
+    chosen = shared_arguments(
+        small_config(workdir, "train.dataloader_workers=1"), workdir, 1, torch.device("cuda")
+    )
+    assert chosen["dataloader_num_workers"] == 1
 
 
 def test_liger_kernels_reach_trl_without_its_loss(workdir: Path) -> None:

@@ -169,7 +169,6 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
         loss_weights=cfg.dpo.loss_weights,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         max_length=cfg.data.max_length,
-        dataloader_pin_memory=device.type == "cuda",
     )
     callback = DPOMetricsCallback(ctx)
     trainer = PolicyTrainer(

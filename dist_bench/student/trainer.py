@@ -405,7 +405,6 @@ class StageMetricsCallback(TrainerCallback):
 
 
 def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> SFTConfig:
-    cuda = device.type == "cuda"
     return SFTConfig(
         **shared_arguments(cfg, output_dir, steps, device),
         # train.packing is done by our collator (TRL's padding-free collator inside StudentCollator): TRL's
@@ -415,7 +414,6 @@ def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.de
         dataset_kwargs={"skip_prepare_dataset": True},
         shuffle_dataset=False,
         remove_unused_columns=False,  # keep example_index for the KD collator
-        dataloader_pin_memory=cuda,
     )
 
 
@@ -427,6 +425,7 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
     micro_batch, accumulation = distributed.step_split(
         train.batch_size, train.grad_accum, distributed.world_size()
     )
+    workers = train.dataloader_workers if train.dataloader_workers is not None else (2 if cuda else 0)
     return dict(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -464,6 +463,11 @@ def shared_arguments(cfg: RunConfig, output_dir: Path, steps: int, device: torch
         # stalls the GPU while the CPU queues the next kernels. A NaN loss is logged as NaN instead.
         logging_nan_inf_filter=False,
         disable_tqdm=True,
+        # The loop is host-bound on a GPU (docs/benchmarks.md): a batch collated in the training process
+        # (KD: ~10-20 ms of cache decoding per micro-batch) is time the GPU waits. Workers collate ahead.
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_pin_memory=cuda,
         # Batches go to the GPU from pinned memory without waiting: a blocking copy stops the host until
         # the device has drained its queue, every micro-batch.
         accelerator_config={"non_blocking": cuda},
