@@ -151,6 +151,9 @@ def main() -> None:
         "--nprocs", default="1,2", help="world sizes to run, in order (1 on a one-GPU machine)"
     )
     parser.add_argument("--fsdp", action="store_true", help="also 2 ranks with train.distributed=fsdp (GPUs)")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="also each world size with these overrides, beside the default run; e.g. "
+                        "inline:train.dataloader_workers=0 (repeatable)")  # fmt: skip
     parser.add_argument("--budget", type=int, default=3_000_000, help="train.token_budget")
     parser.add_argument("--grad-accum", type=int, default=2, help="train.grad_accum: x 8 sequences per step")
     parser.add_argument("--eval-limit", type=int, default=200, help="documents per eval task (a window of "
@@ -183,6 +186,9 @@ def main() -> None:
                                "global_batch_sequences": 8 * args.grad_accum}  # fmt: skip
     nprocs = [int(n) for n in args.nprocs.split(",")]
     runs = [(f"nproc_{n}", n, str(n), []) for n in nprocs]
+    variants = dict(spec.split(":", 1) for spec in args.also)
+    runs += [(f"nproc_{n}_{name}", n, f"{n}-{name}", overrides.split(",")) for n in nprocs
+             for name, overrides in variants.items()]  # fmt: skip
     if args.fsdp:  # FSDP2 through TRL's accelerate: the same budget, the student sharded over the 2 GPUs
         runs.append(("nproc_2_fsdp", 2, "2-fsdp", ["train.distributed=fsdp"]))
     for key, nproc, name, overrides in runs:
@@ -208,6 +214,13 @@ def main() -> None:
             else None
         ),
         "speedup_goal": 1.8,
+        **{  # the default run's student_train against each --also variant's, stage and loop
+            f"nproc_{n}_{figure}_vs_{name}": results[f"nproc_{n}"]["stages"]["student_train"][figure]
+            / results[f"nproc_{n}_{name}"]["stages"]["student_train"][figure]
+            for n in nprocs
+            for name in variants
+            for figure in ("tokens_per_s", "loop_tokens_per_s")
+        },
         "worst_energy_over_counters": max((abs(r - 1) for r in ratios if r is not None), default=None),
         "energy_goal": 0.01,
     }

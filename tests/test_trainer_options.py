@@ -24,9 +24,11 @@ from dist_bench.dataset import load_examples
 from dist_bench.student.trainer import (
     StudentCollator,
     build_trainer,
+    pad_multiple,
     plan_counts,
     plan_steps,
     shared_arguments,
+    to_dataset,
     training_args,
 )
 from dist_bench.teacher.cache_format import open_cache
@@ -35,6 +37,7 @@ OPTIONS = {
     "packing": ["train.packing=true"],
     "gradient_checkpointing": ["train.gradient_checkpointing=true"],
     "eager_attention": ["train.attn_implementation=eager"],
+    "pad_to_multiple_of": ["train.pad_to_multiple_of=16"],
 }
 
 
@@ -84,7 +87,8 @@ def two_steps(
     trainer.train()
     assert model.config._attn_implementation == cfg.train.attn_implementation  # as it was, after training
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return logs, plan_counts(plan, examples, 2, cfg.train.packing)
+    multiple = pad_multiple(cfg, models.pick_device(cfg.train.device))
+    return logs, plan_counts(plan, examples, 2, cfg.train.packing, multiple)
 
 
 @pytest.mark.parametrize("method", ["sft", "kd"])
@@ -102,6 +106,8 @@ def test_an_option_computes_the_same_steps(workdir: Path, kd_cache: Path, method
     assert changed[1]["loss"] != plain[0]["loss"]  # the first update did move the model
     if option == "packing":  # padding-free: the hardware computes on the real tokens only
         assert counts.padded_tokens == counts.tokens < plain_counts.padded_tokens
+    elif option == "pad_to_multiple_of":  # more padding computed on, the same tokens counted
+        assert counts.tokens == plain_counts.tokens and counts.padded_tokens > plain_counts.padded_tokens
     else:
         assert counts == plain_counts
 
@@ -163,6 +169,66 @@ def test_dataloader_workers_default_to_two_on_cuda_and_none_on_cpu(workdir: Path
         small_config(workdir, "train.dataloader_workers=1"), workdir, 1, torch.device("cuda")
     )
     assert chosen["dataloader_num_workers"] == 1
+
+
+def test_padded_lengths_are_multiples_and_the_counts_are_what_the_collator_makes(workdir: Path) -> None:
+    """train.pad_to_multiple_of: every padded batch's length is a multiple, its padding masked and never
+    supervised, and the stage's padded_tokens is what the collated batches hold; a packed row is left alone."""
+    cfg = small_config(workdir, "train.batch_size=8")
+    tokenizer = models.load_tokenizer(cfg.student.model)
+    examples = load_examples(cfg.data, tokenizer)
+    plan = plan_steps(examples, cfg)
+    rows = to_dataset(examples)
+    for padding_free in (False, True):
+        collator = StudentCollator(tokenizer.pad_token_id, padding_free, pad_to_multiple_of=16)
+        padded = 0
+        for step in plan:
+            for micro in step:
+                batch = collator([rows[i] for i in micro])
+                lengths = [len(examples[i].input_ids) for i in micro]
+                padded += batch["input_ids"].numel()
+                if padding_free:
+                    assert batch["input_ids"].shape == (1, sum(lengths))
+                    continue
+                assert batch["input_ids"].shape == (len(micro), -(-max(lengths) // 16) * 16)
+                real = batch["attention_mask"].sum(1).tolist()
+                assert real == lengths  # the mask covers the real tokens only
+                for row, n in zip(batch["labels"], lengths, strict=True):
+                    assert (row[n:] == -100).all()  # padding is never a target
+        assert padded == plan_counts(plan, examples, len(plan), padding_free, 16).padded_tokens
+    assert padded < plan_counts(plan, examples, len(plan), False, 16).padded_tokens
+
+
+def test_padding_multiple_defaults_to_64_on_cuda_and_1_on_cpu(workdir: Path) -> None:
+    cfg = small_config(workdir)
+    assert (pad_multiple(cfg, torch.device("cpu")), pad_multiple(cfg, torch.device("cuda"))) == (1, 64)
+    assert pad_multiple(small_config(workdir, "train.pad_to_multiple_of=8"), torch.device("cuda")) == 8
+
+
+def test_dpo_pads_to_the_multiple_and_computes_the_same_steps(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRL's preference collator gets the multiple, and the policy's steps are the same."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    widths: list[int] = []
+    collate = DataCollatorForPreference.torch_call
+
+    def recorded(self: DataCollatorForPreference, examples: list[dict]) -> dict:
+        batch = collate(self, examples)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(DataCollatorForPreference, "torch_call", recorded)
+    pairs = write_pairs(workdir)
+    steps = ["train.max_steps=2", "train.log_every=1"]
+    plain = pipeline.dpo(dpo_config(workdir, pairs, *steps)).stages[0].metrics
+    assert any(width % 16 for width in widths)  # without the setting some batch is not a multiple
+    widths.clear()
+    padded = pipeline.dpo(dpo_config(workdir, pairs, *steps, "train.pad_to_multiple_of=16")).stages[0].metrics
+    assert widths and all(width % 16 == 0 for width in widths)
+    for name in ("final_train_loss", "final_train_rewards_margins"):
+        assert padded[name] == pytest.approx(plain[name], rel=1e-4, abs=1e-6), name
 
 
 def test_liger_kernels_reach_trl_without_its_loss(workdir: Path) -> None:

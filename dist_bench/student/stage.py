@@ -24,6 +24,7 @@ from dist_bench.dataset import DataError, data_fingerprint, load_examples
 from dist_bench.student.trainer import (
     build_trainer,
     last_complete_checkpoint,
+    pad_multiple,
     plan_counts,
     plan_steps,
     resume_point,
@@ -110,7 +111,9 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     save_final(trainer, final_dir)
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
-    counts = plan_counts(plan, examples, trainer.state.global_step, cfg.train.packing)
+    counts = plan_counts(
+        plan, examples, trainer.state.global_step, cfg.train.packing, pad_multiple(cfg, device)
+    )
     newest = last_complete_checkpoint(checkpoints)
     artifacts = {}
     if cfg.tracking.log_checkpoints == "last" and newest is not None:

@@ -110,14 +110,16 @@ class PlanCounts:
 
 
 def plan_counts(
-    plan: list[list[list[int]]], examples: list[Example], steps: int, padding_free: bool
+    plan: list[list[list[int]]], examples: list[Example], steps: int, padding_free: bool, multiple: int = 1
 ) -> PlanCounts:
+    """`multiple`: padded batches' lengths are rounded up to it (pad_multiple)."""
     counts = PlanCounts(0, 0, 0)
     for step in plan[:steps]:
         for micro in step:
             lengths = [len(examples[i].input_ids) for i in micro]
             counts.tokens += sum(lengths)
-            counts.padded_tokens += sum(lengths) if padding_free else max(lengths) * len(lengths)
+            padded_length = -(-max(lengths) // multiple) * multiple
+            counts.padded_tokens += sum(lengths) if padding_free else padded_length * len(lengths)
             counts.supervised_tokens += sum(examples[i].supervised_tokens for i in micro)
     return counts
 
@@ -145,10 +147,13 @@ class StudentCollator:
     pad_token_id: int
     padding_free: bool = False
     cache: TopKCache | TopPCache | None = None
+    pad_to_multiple_of: int = 1  # padded batches only (pad_multiple)
 
     def __post_init__(self) -> None:
         self.collate = DataCollatorForLanguageModeling(
-            pad_token_id=self.pad_token_id, padding_free=self.padding_free
+            pad_token_id=self.pad_token_id,
+            padding_free=self.padding_free,
+            pad_to_multiple_of=None if self.padding_free else self.pad_to_multiple_of,
         )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -381,8 +386,10 @@ class StageMetricsCallback(TrainerCallback):
         plan: list[list[list[int]]],
         examples: list[Example],
         padding_free: bool,
+        multiple: int = 1,
     ):
         self.ctx, self.plan, self.examples, self.padding_free = ctx, plan, examples, padding_free
+        self.multiple = multiple
         self.last: dict[str, float] = {}
 
     def on_log(
@@ -393,7 +400,9 @@ class StageMetricsCallback(TrainerCallback):
             return
         self.last.update(metrics)
         if self.ctx is not None:
-            tokens = plan_counts(self.plan, self.examples, state.global_step, self.padding_free).tokens
+            tokens = plan_counts(
+                self.plan, self.examples, state.global_step, self.padding_free, self.multiple
+            ).tokens
             self.ctx.log_metrics({**metrics, "train/tokens": tokens}, step=state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -402,6 +411,14 @@ class StageMetricsCallback(TrainerCallback):
 
 
 # ---- building one ---------------------------------------------------------------------------------------
+
+
+def pad_multiple(cfg: RunConfig, device: torch.device) -> int:
+    """train.pad_to_multiple_of, or where unset 64 on CUDA (cuDNN builds attention plans per new length) and 1
+    elsewhere."""
+    if cfg.train.pad_to_multiple_of is not None:
+        return cfg.train.pad_to_multiple_of
+    return 64 if device.type == "cuda" else 1
 
 
 def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> SFTConfig:
@@ -503,13 +520,14 @@ def build_trainer(
 ) -> tuple[StudentTrainer, StageMetricsCallback]:
     device = next(model.parameters()).device
     args = training_args(cfg, output_dir, len(plan), device)
-    callback = StageMetricsCallback(ctx, plan, examples, cfg.train.packing)
+    multiple = pad_multiple(cfg, device)
+    callback = StageMetricsCallback(ctx, plan, examples, cfg.train.packing, multiple)
     common = {
         "model": model,
         "args": args,
         "train_dataset": to_dataset(examples),
         "processing_class": tokenizer,
-        "data_collator": StudentCollator(tokenizer.pad_token_id, cfg.train.packing, cache),
+        "data_collator": StudentCollator(tokenizer.pad_token_id, cfg.train.packing, cache, multiple),
         "callbacks": [callback, BudgetProgress("student_train", _tokens_after(plan, examples))],
         "plan": plan,
     }
