@@ -242,14 +242,14 @@ class TrainConfig(Strict):
         "time per step, for SFT, KD and DPO alike. The LM-head losses stay the project's. Liger patches the "
         "model family's classes for the rest of the process",
     )
-    pad_to_multiple_of: int | None = Field(
-        None,
+    pad_to_multiple_of: int = Field(
+        1,
         ge=1,
         description="a padded batch's length rounded up to a multiple of this (TRL's pad_to_multiple_of), for SFT, "
-        "KD and DPO alike; a packed row (train.packing) is left as it is. Unset: 64 on CUDA, where each new "
-        "padded length makes cuDNN build its attention plans (~2 ms per layer call, against 0.15 ms once "
-        "built), so a few lengths train faster than many; 1 on CPU. The padding is computed on, never counted "
-        "as tokens (metric padded_tokens)",
+        "KD and DPO alike; a packed row (train.packing) is left as it is. On CUDA each new padded length makes "
+        "cuDNN build its attention plans (~2 ms per layer call, against 0.15 ms once built), so a few lengths "
+        "(e.g. 64) may train faster than many; docs/benchmarks.md says what is measured. The padding is computed "
+        "on, never counted as tokens (metric padded_tokens)",
     )
     dataloader_workers: int | None = Field(
         None,
@@ -664,7 +664,8 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}  # dotted path -> where its value came from, for error messages
     for path in [BASE_CONFIG, Path(experiment) if experiment else DEFAULT_EXPERIMENT]:
-        _merge(merged, _read_yaml(path), origin, str(_display(path)))
+        data, lines = _read_yaml(path)
+        _merge(merged, data, origin, str(_display(path)), lines)
     for item in overrides or []:
         key, value = _parse_override(item)
         _merge(merged, _nest(key, value), origin, f"override '{item}'")
@@ -674,11 +675,14 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
         raise ConfigError(_one_line(err, origin)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The file's mapping, and the line of each of its keys (dotted path -> 1-based line)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -686,10 +690,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             f"{_display(path)}{where}: not valid YAML ({getattr(err, 'problem', err)})"
         ) from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{_display(path)}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    return data, lines
+
+
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    # PyYAML's composed node tree keeps each key's position (safe_load's plain dicts do not).
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = f"{prefix}{key.value}"
+            lines[path] = key.start_mark.line + 1
+            lines.update(_key_lines(value, path + "."))
+    return lines
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -710,17 +725,25 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 
 
 def _merge(
-    into: dict[str, Any], update: dict[str, Any], origin: dict[str, str], source: str, prefix: str = ""
+    into: dict[str, Any],
+    update: dict[str, Any],
+    origin: dict[str, str],
+    source: str,
+    lines: dict[str, int] | None = None,
+    prefix: str = "",
 ) -> None:
+    """`origin` records where each value came from: the source, and for a file the key's line."""
+    lines = lines or {}
     for key, value in update.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value, origin, source, path + ".")
-        else:
-            into[key] = copy.deepcopy(value)
-            origin[path] = source
-            for nested in [p for p in origin if p.startswith(path + ".")]:
-                origin[nested] = source
+            _merge(into[key], value, origin, source, lines, path + ".")
+            continue
+        into[key] = copy.deepcopy(value)
+        for replaced in [p for p in origin if p.startswith(path + ".")]:
+            del origin[replaced]
+        for given in [path, *(p for p in lines if p.startswith(path + "."))]:
+            origin[given] = f"{source}:{lines[given]}" if given in lines else source
 
 
 def _one_line(err: ValidationError, origin: dict[str, str]) -> str:

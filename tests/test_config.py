@@ -76,7 +76,22 @@ def test_bad_values_name_the_dotted_path_and_the_source(override: str, expected:
 def test_unknown_key_in_a_file_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("# dist-bench kd --config bad.yaml\nname: x\ntrain:\n  batchsize: 3\n")
-    with pytest.raises(ConfigError, match=r"train\.batchsize \(from .*bad\.yaml\): unknown key"):
+    with pytest.raises(ConfigError, match=r"train\.batchsize \(from .*bad\.yaml:4\): unknown key"):
+        load_config(bad)
+
+
+def test_a_bad_value_in_a_file_names_the_file_and_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  token_budget: 100\n  optimizer:\n    lr: -1\n")
+    with pytest.raises(ConfigError, match=r"^config: train\.optimizer\.lr \(from .*bad\.yaml:5\): "):
+        load_config(bad)
+    # an override of the value names the override, not the file
+    with pytest.raises(
+        ConfigError, match=r"^config: train\.optimizer\.lr \(from override 'train\.optimizer\.lr=0'\)"
+    ):
+        load_config(bad, ["train.optimizer.lr=0"])
+    bad.write_text("name: x\nstudent: 3\n")  # a section given as a scalar: the section's line
+    with pytest.raises(ConfigError, match=r"^config: student \(from .*bad\.yaml:2\): "):
         load_config(bad)
 
 

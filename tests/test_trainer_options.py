@@ -24,7 +24,6 @@ from dist_bench.dataset import load_examples
 from dist_bench.student.trainer import (
     StudentCollator,
     build_trainer,
-    pad_multiple,
     plan_counts,
     plan_steps,
     shared_arguments,
@@ -87,8 +86,7 @@ def two_steps(
     trainer.train()
     assert model.config._attn_implementation == cfg.train.attn_implementation  # as it was, after training
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    multiple = pad_multiple(cfg, models.pick_device(cfg.train.device))
-    return logs, plan_counts(plan, examples, 2, cfg.train.packing, multiple)
+    return logs, plan_counts(plan, examples, 2, cfg.train.packing, cfg.train.pad_to_multiple_of)
 
 
 @pytest.mark.parametrize("method", ["sft", "kd"])
@@ -197,12 +195,6 @@ def test_padded_lengths_are_multiples_and_the_counts_are_what_the_collator_makes
                     assert (row[n:] == -100).all()  # padding is never a target
         assert padded == plan_counts(plan, examples, len(plan), padding_free, 16).padded_tokens
     assert padded < plan_counts(plan, examples, len(plan), False, 16).padded_tokens
-
-
-def test_padding_multiple_defaults_to_64_on_cuda_and_1_on_cpu(workdir: Path) -> None:
-    cfg = small_config(workdir)
-    assert (pad_multiple(cfg, torch.device("cpu")), pad_multiple(cfg, torch.device("cuda"))) == (1, 64)
-    assert pad_multiple(small_config(workdir, "train.pad_to_multiple_of=8"), torch.device("cuda")) == 8
 
 
 def test_dpo_pads_to_the_multiple_and_computes_the_same_steps(

@@ -40,7 +40,6 @@ from dist_bench.student.trainer import (
     BudgetProgress,
     LeanLastCheckpoint,
     PlannedOrder,
-    pad_multiple,
     plan_by_length,
     resume_point,
     save_final,
@@ -170,7 +169,7 @@ def train(cfg: RunConfig, ctx: StageContext, source: PairsSource) -> StageWork:
         loss_weights=cfg.dpo.loss_weights,
         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
         max_length=cfg.data.max_length,
-        pad_to_multiple_of=pad_multiple(cfg, device),
+        pad_to_multiple_of=cfg.train.pad_to_multiple_of,
     )
     callback = DPOMetricsCallback(ctx)
     trainer = PolicyTrainer(

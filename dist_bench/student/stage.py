@@ -24,7 +24,6 @@ from dist_bench.dataset import DataError, data_fingerprint, load_examples
 from dist_bench.student.trainer import (
     build_trainer,
     last_complete_checkpoint,
-    pad_multiple,
     plan_counts,
     plan_steps,
     resume_point,
@@ -112,7 +111,7 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     if not distributed.is_main():
         return StageWork(tokens=0, outputs={}, fingerprints={})
     counts = plan_counts(
-        plan, examples, trainer.state.global_step, cfg.train.packing, pad_multiple(cfg, device)
+        plan, examples, trainer.state.global_step, cfg.train.packing, cfg.train.pad_to_multiple_of
     )
     newest = last_complete_checkpoint(checkpoints)
     artifacts = {}

@@ -112,7 +112,7 @@ class PlanCounts:
 def plan_counts(
     plan: list[list[list[int]]], examples: list[Example], steps: int, padding_free: bool, multiple: int = 1
 ) -> PlanCounts:
-    """`multiple`: padded batches' lengths are rounded up to it (pad_multiple)."""
+    """`multiple`: padded batches' lengths are rounded up to it (train.pad_to_multiple_of)."""
     counts = PlanCounts(0, 0, 0)
     for step in plan[:steps]:
         for micro in step:
@@ -147,7 +147,7 @@ class StudentCollator:
     pad_token_id: int
     padding_free: bool = False
     cache: TopKCache | TopPCache | None = None
-    pad_to_multiple_of: int = 1  # padded batches only (pad_multiple)
+    pad_to_multiple_of: int = 1  # padded batches only (train.pad_to_multiple_of)
 
     def __post_init__(self) -> None:
         self.collate = DataCollatorForLanguageModeling(
@@ -386,10 +386,8 @@ class StageMetricsCallback(TrainerCallback):
         plan: list[list[list[int]]],
         examples: list[Example],
         padding_free: bool,
-        multiple: int = 1,
     ):
         self.ctx, self.plan, self.examples, self.padding_free = ctx, plan, examples, padding_free
-        self.multiple = multiple
         self.last: dict[str, float] = {}
 
     def on_log(
@@ -400,9 +398,7 @@ class StageMetricsCallback(TrainerCallback):
             return
         self.last.update(metrics)
         if self.ctx is not None:
-            tokens = plan_counts(
-                self.plan, self.examples, state.global_step, self.padding_free, self.multiple
-            ).tokens
+            tokens = plan_counts(self.plan, self.examples, state.global_step, self.padding_free).tokens
             self.ctx.log_metrics({**metrics, "train/tokens": tokens}, step=state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -411,14 +407,6 @@ class StageMetricsCallback(TrainerCallback):
 
 
 # ---- building one ---------------------------------------------------------------------------------------
-
-
-def pad_multiple(cfg: RunConfig, device: torch.device) -> int:
-    """train.pad_to_multiple_of, or where unset 64 on CUDA (cuDNN builds attention plans per new length) and 1
-    elsewhere."""
-    if cfg.train.pad_to_multiple_of is not None:
-        return cfg.train.pad_to_multiple_of
-    return 64 if device.type == "cuda" else 1
 
 
 def training_args(cfg: RunConfig, output_dir: Path, steps: int, device: torch.device) -> SFTConfig:
@@ -520,14 +508,15 @@ def build_trainer(
 ) -> tuple[StudentTrainer, StageMetricsCallback]:
     device = next(model.parameters()).device
     args = training_args(cfg, output_dir, len(plan), device)
-    multiple = pad_multiple(cfg, device)
-    callback = StageMetricsCallback(ctx, plan, examples, cfg.train.packing, multiple)
+    callback = StageMetricsCallback(ctx, plan, examples, cfg.train.packing)
     common = {
         "model": model,
         "args": args,
         "train_dataset": to_dataset(examples),
         "processing_class": tokenizer,
-        "data_collator": StudentCollator(tokenizer.pad_token_id, cfg.train.packing, cache, multiple),
+        "data_collator": StudentCollator(
+            tokenizer.pad_token_id, cfg.train.packing, cache, cfg.train.pad_to_multiple_of
+        ),
         "callbacks": [callback, BudgetProgress("student_train", _tokens_after(plan, examples))],
         "plan": plan,
     }
