@@ -198,6 +198,19 @@ def test_punkt_tab_is_shipped_and_found_offline() -> None:
     assert "Downloaded" not in done.stdout + done.stderr
 
 
+def test_tasks_list_keeps_a_tasks_error_on_its_own_row(tmp_path: Path) -> None:
+    """--tasks list resolves every task at once; where that fails, each task alone, so one bad entry does not
+    hide the others."""
+    from dist_bench.config import load_config
+    from dist_bench.evaluation.listing import task_table
+
+    cfg = load_config(None, ["eval.data=" + json.dumps({"gsm8k": str(tmp_path / "missing.jsonl")})])
+    rows = {line.split()[0]: line for line in task_table(cfg.eval).splitlines()[1:]}
+    assert rows["gsm8k"].split()[1] == "?" and "missing.jsonl not found" in rows["gsm8k"]
+    assert rows["tiny_arith"].split()[1] == "task_dir" and rows["mmlu"].split()[1] == "builtin"
+    assert sum("error:" in row for row in rows.values()) == 1
+
+
 def test_tasks_list_dry_run_and_run_dir(tmp_path: Path, files: dict[str, Path]) -> None:
     listing = dist_bench(
         tmp_path, "eval", "--tasks", "list", f"eval.data={json.dumps({'gsm8k': str(files['gsm8k'])})}"

@@ -21,15 +21,23 @@ def task_table(cfg: EvalConfig) -> str:
     """One line per task: the task_dir's own (groups and standalone tasks), the cited benchmarks, and any
     named in eval.tasks or eval.data; where its data comes from (local, hub, missing) and its dependencies."""
     rows = [("task", "kind", "dependencies", "data")]
-    for name in _listed_names(cfg):
-        data = {name: cfg.data[name]} if name in cfg.data else {}
-        one = cfg.model_copy(update={"tasks": [name], "data": data})
-        try:
-            plan = task_plan.resolve(one)
-        except task_plan.TaskError as err:
-            rows.append((name, "?", "", f"error: {err}"))
-            continue
-        task = plan.tasks[0]
+    names = _listed_names(cfg)
+    try:  # all at once: each resolve indexes the task folders (~0.5 s)
+        every = cfg.model_copy(
+            update={"tasks": names, "data": {n: cfg.data[n] for n in names if n in cfg.data}}
+        )
+        resolved: dict[str, task_plan.TaskPlan] = {t.name: t for t in task_plan.resolve(every).tasks}
+    except task_plan.TaskError:  # one at a time, so that the error stays on the task it is about
+        resolved = {}
+    for name in names:
+        task = resolved.get(name)
+        if task is None:
+            data = {name: cfg.data[name]} if name in cfg.data else {}
+            try:
+                task = task_plan.resolve(cfg.model_copy(update={"tasks": [name], "data": data})).tasks[0]
+            except task_plan.TaskError as err:
+                rows.append((name, "?", "", f"error: {err}"))
+                continue
         missing = task_plan.missing_dependencies(name)
         deps = "missing: " + ", ".join(missing) if missing else "installed"
         rows.append((name, task.kind, deps, task_plan.data_source(task)))
