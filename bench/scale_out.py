@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=200, help="documents per eval task (a window of "
                         "seconds: the energy counter moves every 100 ms)")  # fmt: skip
     args = parser.parse_args()
+    if any(":" not in spec or "=" not in spec for spec in args.also):
+        parser.error("--also: NAME:KEY=VALUE[,KEY=VALUE], e.g. pad64:train.pad_to_multiple_of=64")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out
     work.mkdir(parents=True, exist_ok=True)
