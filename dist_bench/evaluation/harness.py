@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,6 @@ from typing import Any
 
 import torch
 from lm_eval import simple_evaluate
-from lm_eval.api.model import CacheHook
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader (0.4.13): `include:`, `!function`
@@ -38,25 +36,6 @@ from dist_bench.models import pick_device, pick_dtype, resolve_model
 ship_nltk_data()  # before any task module imports nltk (IFEval's would download punkt_tab otherwise)
 
 _GLOB_CHARS = set("*?[")
-
-# A killed task resumes from lm-eval's own request cache (simple_evaluate's use_cache: its CachingLM keeps
-# one SQLite file per rank and writes each answer to it as the model gives it). The tokens and the energy of
-# the answers kept are committed with them, between batches, at most this often: a kill loses at most this
-# much of the work's tokens and energy from the figures, never their answers.
-COMMIT_EVERY_S = 2.0
-
-
-@dataclass
-class RequestCache:
-    """Where a task's answers are kept across attempts (lm-eval appends _rank<r>.db), and what commits the
-    energy spent on them (the stage's StageContext.commit_energy)."""
-
-    path: Path
-    commit_energy: Callable[[], None]
-
-    def counts_file(self, rank: int) -> Path:
-        """This rank's tokens for the answers on disk, over every attempt."""
-        return self.path.with_name(f"{self.path.name}_rank{rank}.tokens.json")
 
 
 @dataclass
@@ -83,13 +62,6 @@ class CountingHFLM(HFLM):
         super().__init__(*args, **kwargs)
         self.prefill_tokens = 0
         self.decode_tokens = 0
-        # Called before each batch, when every answer of the batches before it is in the request cache.
-        self.between_batches: Callable[[], None] | None = None
-
-    def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.between_batches is not None:  # log-likelihood batches
-            self.between_batches()
-        return super()._model_call(inps, *args, **kwargs)
 
     # Per-request progress bars: thousands of lines in logs; the stage's own line says when it is done.
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[Any]:
@@ -110,8 +82,6 @@ class CountingHFLM(HFLM):
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
     ) -> torch.Tensor:
-        if self.between_batches is not None:
-            self.between_batches()
         mask = kwargs.get("attention_mask")  # prompts are left-padded; the mask marks the real tokens
         self.prefill_tokens += int(mask.sum()) if mask is not None else context.numel()
         output = super()._model_generate(context, max_length, stop, **kwargs)
@@ -178,48 +148,28 @@ def load_lm(
 
 
 def run_lm_eval(
-    lm: CountingHFLM,
-    name: str,
-    manager: TaskManager,
-    cfg: EvalConfig,
-    output_dir: Path,
-    seed: int = 42,
-    cache: RequestCache | None = None,
+    lm: CountingHFLM, name: str, manager: TaskManager, cfg: EvalConfig, output_dir: Path, seed: int = 42
 ) -> EvalOutcome:
-    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's: with
-    a request cache, also those of the answers earlier attempts left in it (COMMIT_EVERY_S).
+    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's.
 
     In a multi-process job every rank calls this: lm-eval splits the documents among the ranks and rank 0
     gets the scores (and writes them); the token counts are every rank's, summed, on every rank."""
     _quiet_lm_eval()
     # the job's ranks, or rank 0 alone (distributed.alone()); in one process (0, 1), as HFLM set them
     lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
-    earlier = {"prefill": 0, "decode": 0}
-    if cache is not None and cache.counts_file(lm.rank).is_file():
-        earlier = json.loads(cache.counts_file(lm.rank).read_text())
-    # lm's counters minus these are the task's tokens so far, the earlier attempts' included
-    prefill, decode = lm.prefill_tokens - earlier["prefill"], lm.decode_tokens - earlier["decode"]
-    if cache is not None:
-        lm.between_batches = _committer(lm, cache, prefill, decode)
-    try:
-        raw = simple_evaluate(
-            model=lm,
-            tasks=task_specs([name], manager),
-            task_manager=manager,
-            num_fewshot=cfg.num_fewshot,
-            limit=cfg.limit,
-            log_samples=False,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            use_cache=str(cache.path) if cache is not None else None,
-        )
-    finally:
-        if lm.cache_hook.dbdict is not None:  # the task's SQLite file; the next task has its own, or none
-            lm.cache_hook.dbdict.close()
-        lm.set_cache_hook(CacheHook(None))
-        lm.between_batches = None
+    prefill, decode = lm.prefill_tokens, lm.decode_tokens
+    raw = simple_evaluate(
+        model=lm,
+        tasks=task_specs([name], manager),
+        task_manager=manager,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     counts = distributed.all_gather((lm.prefill_tokens - prefill, lm.decode_tokens - decode))
     prefill_tokens, decode_tokens = (sum(column) for column in zip(*counts, strict=True))
     if raw is None:  # a rank other than 0: its scores went to rank 0
@@ -232,26 +182,6 @@ def run_lm_eval(
         prefill_tokens=prefill_tokens,
         decode_tokens=decode_tokens,
     )
-
-
-def _committer(lm: CountingHFLM, cache: RequestCache, prefill: int, decode: int) -> Callable[[], None]:
-    """Between batches, at most every COMMIT_EVERY_S: the answers so far to disk, then their tokens, then
-    their energy, in that order (a kill between two steps leaves figures behind the answers, never ahead)."""
-    from dist_bench.rollup import write_json_atomic
-
-    last = time.monotonic()
-
-    def commit() -> None:
-        nonlocal last
-        if time.monotonic() - last < COMMIT_EVERY_S or lm.cache_hook.dbdict is None:
-            return
-        lm.cache_hook.dbdict.commit(blocking=True)
-        tokens = {"prefill": lm.prefill_tokens - prefill, "decode": lm.decode_tokens - decode}
-        write_json_atomic(cache.counts_file(lm.rank), tokens)
-        cache.commit_energy()
-        last = time.monotonic()
-
-    return commit
 
 
 def task_specs(names: list[str], manager: TaskManager) -> list[dict[str, Any] | str]:
