@@ -415,27 +415,17 @@ def main() -> None:
     w, s, k = args.warmup, args.steps, args.top_k
     shortest, longest = (int(n) for n in args.lengths.split(",")) if args.lengths else (seq, seq)
     loop = LoopShape(args.precision, args.grad_accum, (min(shortest, seq), min(longest, seq)))
+    # the project variants' shared settings: each adds its steps and options(name)
+    project = functools.partial(
+        project_variant, shape, batch, loop, device, w, top_k=k, cache_format=args.cache_format
+    )
     makers = {
         "plain": lambda: (*plain_variant(shape, batch, seq, device, w, s, chunked=False), s * batch * seq),
         "plain_chunked": lambda: (
             *plain_variant(shape, batch, seq, device, w, s, chunked=True),
             s * batch * seq,
         ),
-        **{
-            name: functools.partial(
-                project_variant,
-                shape,
-                batch,
-                loop,
-                device,
-                w,
-                s,
-                top_k=k,
-                cache_format=args.cache_format,
-                **options(name),
-            )
-            for name in PROJECT_VARIANTS
-        },
+        **{name: functools.partial(project, steps=s, **options(name)) for name in PROJECT_VARIANTS},
     }
     names = args.variants.split(",")
     profiled = list(filter(None, args.profile.split(",")))
@@ -447,18 +437,7 @@ def main() -> None:
     profiles = {}
     for name in profiled:
         profiler = ProfileSteps(w, 5, args.out, name)
-        project_variant(
-            shape,
-            batch,
-            loop,
-            device,
-            w,
-            5,
-            top_k=k,
-            cache_format=args.cache_format,
-            scan=profiler,
-            **options(name),
-        )
+        project(steps=5, scan=profiler, **options(name))
         profiles[name] = profiler.report
     if loop.lengths[0] < loop.lengths[1]:
         # Every new sequence length builds cuDNN's attention plans on the host (~2 ms per layer call, against
