@@ -12,10 +12,13 @@ tokens for the eval stage's `tokens` and J/token. One model load serves every ta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 from lm_eval import simple_evaluate
+from lm_eval.api.model import CacheHook, hash_args
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's own loader (0.4.13): `include:`, `!function`
@@ -36,6 +40,75 @@ from dist_bench.models import pick_device, pick_dtype, resolve_model
 ship_nltk_data()  # before any task module imports nltk (IFEval's would download punkt_tab otherwise)
 
 _GLOB_CHARS = set("*?[")
+
+# A killed task resumes from the answers it had given: they are kept as lm-eval's request cache keys them and
+# written to the stage dir, with their token counts, between batches, at most this often; the energy spent
+# on them is committed right after. A kill loses at most this much answered work, which the next attempt
+# redoes and measures once.
+COMMIT_EVERY_S = 2.0
+
+
+class AnswerLog:
+    """One rank's answers to one task's requests, kept across attempts.
+
+    lm-eval has a request cache (simple_evaluate's use_cache: CachingLM), but it commits every answer to
+    SQLite as a transaction of its own, writes each answer twice and looks each request up through SQLite's
+    thread: 1.76 ms per request on the CI machine, ~100 s of MMLU's 56k requests that the eval stage's energy
+    would include. This keeps the answers in a dict under lm-eval's own key (hash_args), takes them from
+    HFLM through the same hook (add_partial), and appends the new ones to one file at each checkpoint, which
+    ends with the token counts of everything before it. A file cut short by a kill is read up to its last
+    checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, Any] = {}
+        self.new: list[tuple[str, Any]] = []
+        self.tokens = {"prefill": 0, "decode": 0}  # of the answers in `done`, every attempt's
+        kept, good_bytes = [], 0
+        if path.is_file():
+            with path.open("rb") as records:
+                while True:
+                    try:
+                        record = pickle.load(records)
+                    except (EOFError, pickle.UnpicklingError, ValueError):
+                        break
+                    if record[0] == "answer":
+                        kept.append(record[1:])
+                    else:  # a checkpoint: what came before it is whole
+                        self.done.update(kept)
+                        kept, self.tokens, good_bytes = [], record[1], records.tell()
+            with path.open("r+b") as records:
+                records.truncate(good_bytes)  # answers after the last checkpoint are asked again
+
+    def add_partial(self, attr: str, request: Any, result: Any) -> None:
+        """lm-eval's CacheHook interface: HFLM gives each answer here as it has it."""
+        key = hash_args(attr, request)
+        self.done[key] = result
+        self.new.append((key, result))
+
+    def checkpoint(self, tokens: dict[str, int]) -> None:
+        """The answers since the last checkpoint, then these token counts, on disk."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as records:
+            for key, result in self.new:
+                pickle.dump(("answer", key, result), records)
+            pickle.dump(("checkpoint", tokens), records)
+            records.flush()
+            os.fsync(records.fileno())
+        self.new.clear()
+        self.tokens = tokens
+
+
+@dataclass
+class RequestCache:
+    """Where a task's answers are kept across attempts (one AnswerLog per rank), and what commits the energy
+    spent on them (the stage's StageContext.commit_energy)."""
+
+    path: Path
+    commit_energy: Callable[[], None]
+
+    def log(self, rank: int) -> AnswerLog:
+        return AnswerLog(self.path.with_name(f"{self.path.name}.rank{rank}.answers"))
 
 
 @dataclass
@@ -62,13 +135,43 @@ class CountingHFLM(HFLM):
         super().__init__(*args, **kwargs)
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.answers: AnswerLog | None = None  # the task's, where it resumes (run_lm_eval)
+        # Called before each batch, when every answer of the batches before it is in `answers`.
+        self.between_batches: Callable[[], None] | None = None
+
+    def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.between_batches is not None:  # log-likelihood batches
+            self.between_batches()
+        return super()._model_call(inps, *args, **kwargs)
 
     # Per-request progress bars: thousands of lines in logs; the stage's own line says when it is done.
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[Any]:
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        ask = functools.partial(super().loglikelihood, disable_tqdm=disable_tqdm)
+        return self._answered("loglikelihood", requests, ask)
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> list[str]:
-        return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        ask = functools.partial(super().generate_until, disable_tqdm=disable_tqdm)
+        return self._answered("generate_until", requests, ask)
+
+    def _answered(self, kind: str, requests: list[Any], ask: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """The answers an earlier attempt gave, and the model's to the rest (all of them without a log).
+        Sampled generations are always asked: a repeat of the same request must not get the same sample.
+        (Perplexity requests, loglikelihood_rolling, are not kept: HFLM's ranks exchange counts inside
+        that call, which a rank with every answer kept would skip.)"""
+        if self.answers is None or not self.answers.done:  # nothing kept: no lookups
+            return ask(requests)
+        keys = [hash_args(kind, r.args) for r in requests]
+        kept = {
+            k: self.answers.done[k]
+            for k, r in zip(keys, requests, strict=True)
+            if k in self.answers.done and not (kind == "generate_until" and r.args[1].get("do_sample"))
+        }
+        rest = iter(
+            ask([r for k, r in zip(keys, requests, strict=True) if k not in kept])
+            if len(kept) < len(keys)
+            else []
+        )
+        return [kept[k] if k in kept else next(rest) for k in keys]
 
     def _select_cont_toks(
         self, logits: torch.Tensor, contlen: int | None = None, inplen: int | None = None
@@ -82,6 +185,8 @@ class CountingHFLM(HFLM):
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any
     ) -> torch.Tensor:
+        if self.between_batches is not None:
+            self.between_batches()
         mask = kwargs.get("attention_mask")  # prompts are left-padded; the mask marks the real tokens
         self.prefill_tokens += int(mask.sum()) if mask is not None else context.numel()
         output = super()._model_generate(context, max_length, stop, **kwargs)
@@ -148,28 +253,45 @@ def load_lm(
 
 
 def run_lm_eval(
-    lm: CountingHFLM, name: str, manager: TaskManager, cfg: EvalConfig, output_dir: Path, seed: int = 42
+    lm: CountingHFLM,
+    name: str,
+    manager: TaskManager,
+    cfg: EvalConfig,
+    output_dir: Path,
+    seed: int = 42,
+    cache: RequestCache | None = None,
 ) -> EvalOutcome:
-    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's.
+    """One task or group of cfg's on `lm`; its results under output_dir. Token counts are this task's: with
+    a request cache, also those of the answers earlier attempts left in it (COMMIT_EVERY_S).
 
     In a multi-process job every rank calls this: lm-eval splits the documents among the ranks and rank 0
     gets the scores (and writes them); the token counts are every rank's, summed, on every rank."""
     _quiet_lm_eval()
     # the job's ranks, or rank 0 alone (distributed.alone()); in one process (0, 1), as HFLM set them
     lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
-    prefill, decode = lm.prefill_tokens, lm.decode_tokens
-    raw = simple_evaluate(
-        model=lm,
-        tasks=task_specs([name], manager),
-        task_manager=manager,
-        num_fewshot=cfg.num_fewshot,
-        limit=cfg.limit,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    lm.answers = cache.log(lm.rank) if cache is not None else None
+    earlier = lm.answers.tokens if lm.answers is not None else {"prefill": 0, "decode": 0}
+    # lm's counters minus these are the task's tokens so far, the earlier attempts' included
+    prefill, decode = lm.prefill_tokens - earlier["prefill"], lm.decode_tokens - earlier["decode"]
+    if cache is not None:
+        lm.set_cache_hook(lm.answers)
+        lm.between_batches = _committer(lm, cache, prefill, decode)
+    try:
+        raw = simple_evaluate(
+            model=lm,
+            tasks=task_specs([name], manager),
+            task_manager=manager,
+            num_fewshot=cfg.num_fewshot,
+            limit=cfg.limit,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        lm.set_cache_hook(CacheHook(None))
+        lm.answers, lm.between_batches = None, None
     counts = distributed.all_gather((lm.prefill_tokens - prefill, lm.decode_tokens - decode))
     prefill_tokens, decode_tokens = (sum(column) for column in zip(*counts, strict=True))
     if raw is None:  # a rank other than 0: its scores went to rank 0
@@ -182,6 +304,22 @@ def run_lm_eval(
         prefill_tokens=prefill_tokens,
         decode_tokens=decode_tokens,
     )
+
+
+def _committer(lm: CountingHFLM, cache: RequestCache, prefill: int, decode: int) -> Callable[[], None]:
+    """Between batches, at most every COMMIT_EVERY_S: the answers so far and their tokens to disk, then the
+    energy spent on them (as a training checkpoint is followed by its energy)."""
+    last = time.monotonic()
+
+    def commit() -> None:
+        nonlocal last
+        if time.monotonic() - last < COMMIT_EVERY_S or lm.answers is None or not lm.answers.new:
+            return
+        lm.answers.checkpoint({"prefill": lm.prefill_tokens - prefill, "decode": lm.decode_tokens - decode})
+        cache.commit_energy()
+        last = time.monotonic()
+
+    return commit
 
 
 def task_specs(names: list[str], manager: TaskManager) -> list[dict[str, Any] | str]:

@@ -15,14 +15,19 @@ to the stage's `total_energy_j` and `duration_s`. `eval/<task>/tokens` are the e
 a local judge's, in prefill_tokens and decode_tokens too (its energy is in the window; an API judge's is not,
 nor are its tokens: they are eval/<task>/judge_tokens, beside its spend).
 
-Resume: a finished task's record (`tasks_done/<task>.json`) is written before the next starts, so a killed
-stage redoes only the task it was in.
+Resume: a finished task's record (`tasks_done/<task>.json`) is written before the next starts, and within
+an lm-eval task the answers are kept with their tokens (`request_cache/`, written between batches every few
+seconds, the energy committed right after: harness.AnswerLog, COMMIT_EVERY_S). A killed stage asks the model
+only what it had not answered; perplexity requests are asked again. The energy an earlier attempt
+spent inside a task is in the stage's total and is shared among the tasks like loading time, since a task's
+span covers this attempt's part of it. The cache is removed once every task is done.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +120,7 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
     plan = task_plan.resolve(cfg.eval)
     out = ctx.stage_dir / "lm_eval"
     done_dir = ctx.stage_dir / "tasks_done"
+    answers = ctx.stage_dir / "request_cache"  # lm-eval's, per task and rank, until every task is done
     main = distributed.is_main()
     if main:
         done_dir.mkdir(parents=True, exist_ok=True)
@@ -142,10 +148,13 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
                     manager = task_plan.materialize(plan, ctx.stage_dir)
                 distributed.barrier()  # the task YAMLs rank 0 wrote, before the others index them
                 manager = manager or task_plan.materialize(plan, ctx.stage_dir, write=False)
-            from dist_bench.evaluation.harness import run_lm_eval
+            from dist_bench.evaluation.harness import RequestCache, run_lm_eval
 
+            cache = RequestCache(answers / task.name, ctx.commit_energy)
             start = _reading(ctx)
-            result = run_lm_eval(lm, task.name, manager, cfg.eval, out / task.name, seed=cfg.seed)
+            result = run_lm_eval(
+                lm, task.name, manager, cfg.eval, out / task.name, seed=cfg.seed, cache=cache
+            )
             if task.name.startswith("olmes"):  # the better formulation per task, MMLU macro-averaged
                 from dist_bench.evaluation.olmes import summarize
 
@@ -162,6 +171,8 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
         records[task.name] = record
         progress.advance()
     progress.close()
+    if main:  # every rank has closed its files: each passed the last task's closing reading
+        shutil.rmtree(answers, ignore_errors=True)
     finished = [r for r in records.values() if r is not None]
     metrics: dict[str, float] = {}
     for record in finished:
