@@ -2,6 +2,10 @@
 
     python bench/eval_tasks.py --out $OUT            (on the GPU machine; results: docs/benchmarks.md)
     python bench/eval_tasks.py --out /tmp/e --smoke  (a tiny shape on CPU: checks the code paths)
+    python bench/eval_tasks.py --out $OUT/a --tasks gsm8k,mmlu --mmlu-per-subject 32 [--without-answer-log]
+
+`--without-answer-log` is the baseline of the answer log (harness.AnswerLog, which lets a killed task resume
+from the answers it gave): the stage runs every task with no log, as it did before the log existed.
 
 The model is Qwen2-0.5B-shaped (random init, bf16, vocabulary 151,936, tied embeddings). Its tokenizer is the
 tiny world's byte-level one padded with added tokens to the model's vocabulary (no Hub download on the GPU
@@ -59,7 +63,7 @@ def build_model(shape: dict, folder: Path) -> Path:
     return folder
 
 
-def write_files(folder: Path, smoke: bool) -> dict[str, str]:
+def write_files(folder: Path, smoke: bool, mmlu_per_subject: int) -> dict[str, str]:
     sums = [json.loads(line) for line in (ASSETS / "data" / "arith_eval.jsonl").read_text().splitlines()]
     subjects = sorted(
         p.stem.removeprefix("mmlu_") for p in (builtin_root() / "mmlu" / "default").glob("mmlu_*.yaml")
@@ -70,7 +74,9 @@ def write_files(folder: Path, smoke: bool) -> dict[str, str]:
     write_jsonl(gsm8k / "train.jsonl", gsm8k_rows(sums[count : count + 8]))
     return {
         "gsm8k": str(gsm8k),
-        "mmlu": str(write_jsonl(folder / "mmlu" / "test.jsonl", mmlu_rows(subjects, 1 if smoke else 8))),
+        "mmlu": str(
+            write_jsonl(folder / "mmlu" / "test.jsonl", mmlu_rows(subjects, 1 if smoke else mmlu_per_subject))
+        ),
         "ifeval": str(write_jsonl(folder / "ifeval.jsonl", ifeval_rows() * (1 if smoke else 16))),
     }
 
@@ -85,7 +91,17 @@ def main() -> None:
         help="instead: MT-Bench-101 (64 dialogues) with the same model as a local judge: the judge benchmarks' "
         "CUDA path (the model under test answers through the local teacher's decode loop on lm-eval's weights)",
     )
+    parser.add_argument("--tasks", default="gsm8k,mmlu,ifeval", help="some of gsm8k,mmlu,ifeval")
+    parser.add_argument("--mmlu-per-subject", type=int, default=8, help="MMLU questions per subject (57)")
+    parser.add_argument("--without-answer-log", action="store_true", help="baseline: no answer log")
     args = parser.parse_args()
+    if not set(args.tasks.split(",")) <= {"gsm8k", "mmlu", "ifeval"}:
+        parser.error(f"--tasks {args.tasks}: some of gsm8k,mmlu,ifeval, comma-separated")
+    if args.without_answer_log:  # every task asked without a log, as before it existed (the stage passes one)
+        from dist_bench.evaluation import harness
+
+        with_log = harness.run_lm_eval
+        harness.run_lm_eval = lambda *a, cache=None, **k: with_log(*a, **k)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out / 'mlflow.db'}"
@@ -97,7 +113,9 @@ def main() -> None:
         judged = [f"eval.judge={json.dumps({'model': str(model), 'dtype': 'bfloat16'})}", "eval.max_new_tokens=128",
                   "eval.judge_max_new_tokens=64"]  # fmt: skip
     else:
-        tasks, data, judged = ["gsm8k", "mmlu", "ifeval"], write_files(out / "data", args.smoke), []
+        tasks, judged = args.tasks.split(","), []
+        files = write_files(out / "data", args.smoke, args.mmlu_per_subject)
+        data = {task: files[task] for task in tasks}
     cfg = load_config(None, [
         f"eval.tasks={json.dumps(tasks)}", f"eval.data={json.dumps(data)}", "eval.limit=null",
         "eval.batch_size=64", "eval.max_length=2048", f"output.run_dir={out / 'runs'}",
@@ -127,6 +145,7 @@ def main() -> None:
         if args.judged
         else "lm-eval",
         "tasks": per_task,
+        "answer_log": not args.without_answer_log,
         "stage": stage,
         "sums": sums_check,
         "wall_s": time.perf_counter() - started,
