@@ -1,5 +1,6 @@
-"""An eval stage killed inside an lm-eval task resumes from lm-eval's own request cache: the model is asked
-only what it had not answered, and the scores and token counts are those of an uninterrupted stage."""
+"""An eval stage killed inside an lm-eval task resumes from the answers it logged (harness.AnswerLog): the
+model is asked only what it had not answered, and the scores and token counts are those of an uninterrupted
+stage, also when the resume has another number of processes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from lm_eval.api.model import hash_args
+from lm_eval.models.huggingface import HFLM
 
 from conftest import SMALL, small_config
 from dist_bench import pipeline
@@ -18,7 +21,8 @@ from dist_bench.evaluation import harness
 from dist_bench.evaluation.harness import AnswerLog
 
 # The real CLI in a process that SIGKILLs itself right after the request cache's DIE_AT_COMMIT-th commit in a
-# task (COMMIT_EVERY_S = 0: one commit before every batch), before that batch starts.
+# task (COMMIT_EVERY_S = 0: one commit before every batch), before that batch starts. Under torchrun,
+# DIE_AT_COMMIT is a list: each rank's (RANK) count.
 KILL_AFTER_A_COMMIT = textwrap.dedent(
     """
     import os, signal, sys
@@ -33,7 +37,7 @@ KILL_AFTER_A_COMMIT = textwrap.dedent(
         def commit_then_die():
             commit()
             done.append(1)
-            if len(done) == int(os.environ["DIE_AT_COMMIT"]):
+            if len(done) == int(os.environ["DIE_AT_COMMIT"].split(",")[int(os.environ.get("RANK", "0"))]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return commit_then_die
@@ -125,3 +129,67 @@ def test_an_answer_log_cut_short_is_read_up_to_its_last_checkpoint(tmp_path: Pat
     again.add_partial("generate_until", ("3+3=", {"until": ["\n"]}), " 6")
     again.checkpoint({"prefill": 9, "decode": 2})
     assert AnswerLog(path).tokens == {"prefill": 9, "decode": 2} and len(AnswerLog(path).done) == 2
+
+
+def test_a_two_rank_task_killed_midway_resumes_in_one_process_from_both_ranks_answers(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume may have another number of processes: lm-eval then splits the requests otherwise, so every
+    rank takes the answers of every log, and the tokens of a log no rank appends to any more are counted
+    once (by rank 0)."""
+    monkeypatch.setattr(harness, "COMMIT_EVERY_S", 0.0)
+    settings = ["eval.tasks=[tiny_mc]", "eval.batch_size=2", "eval.limit=16"]  # 4 batches a rank on two
+    asked: list[str] = []  # the model's requests, by lm-eval's key
+    for kind in ("loglikelihood", "generate_until"):
+        method = getattr(HFLM, kind)
+
+        def asking(
+            self: HFLM, requests: list, *args: object, _method=method, _kind=kind, **kw: object
+        ) -> list:
+            asked.extend(hash_args(_kind, r.args) for r in requests)
+            return _method(self, requests, *args, **kw)
+
+        monkeypatch.setattr(HFLM, kind, asking)
+    read: list[int] = []  # the prefill tokens this process counts
+    select = harness.CountingHFLM._select_cont_toks
+
+    def counted(self: harness.CountingHFLM, logits: object, contlen: object = None, inplen: object = None):
+        read.append(inplen or 0)
+        return select(self, logits, contlen=contlen, inplen=inplen)
+
+    monkeypatch.setattr(harness.CountingHFLM, "_select_cont_toks", counted)
+    whole = pipeline.evaluate(
+        small_config(workdir, *settings, f"output.run_dir={workdir / 'whole'}"), "tinyworld:teacher"
+    )
+    every_request = set(asked)
+    assert len(every_request) == len(asked) >= 32
+
+    run_dir, script = workdir / "killed", workdir / "kill_after_a_commit.py"
+    script.write_text(KILL_AFTER_A_COMMIT)
+    killed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         "eval", "--model", "tinyworld:teacher", *SMALL, *settings, f"output.run_dir={run_dir}"],
+        cwd=workdir, env={**os.environ, "DIE_AT_COMMIT": "3,2", "DIST_BENCH_PROGRESS_EVERY_S": "600"},
+        capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip  # rank 1 dies at its 2nd commit (2 batches on disk), rank 0 at its 3rd (or when torchrun stops it)
+    assert killed.returncode != 0
+    (rank1,) = run_dir.glob("eval/*/request_cache/tiny_mc.rank1.answers")
+    rank0 = rank1.with_name("tiny_mc.rank0.answers")
+    on_disk = AnswerLog(rank1, [rank0])  # both ranks' answers and rank 1's tokens, up to their checkpoints
+    disk_prefill = on_disk.tokens["prefill"] + AnswerLog(rank0).tokens["prefill"]
+    assert AnswerLog(rank1).done and set(on_disk.done) <= every_request
+
+    asked.clear()
+    read.clear()
+    resumed = pipeline.evaluate(
+        small_config(workdir, *settings, f"output.run_dir={run_dir}"), "tinyworld:teacher"
+    )
+    assert sorted(asked) == sorted(
+        every_request - set(on_disk.done)
+    )  # each unanswered request once, no other
+    metrics = resumed.stages[0].metrics
+    scores = {k: v for k, v in whole.stages[0].metrics.items() if k.startswith("eval/tiny_mc/acc")}
+    assert scores and {k: metrics[k] for k in scores} == scores
+    # the killed ranks' checkpointed tokens (rank 1's through rank 0, its log no longer appended to) + this run's
+    assert metrics["prefill_tokens"] == disk_prefill + sum(read)

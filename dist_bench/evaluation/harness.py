@@ -19,7 +19,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,36 +49,54 @@ COMMIT_EVERY_S = 2.0
 
 
 class AnswerLog:
-    """One rank's answers to one task's requests, kept across attempts.
+    """One rank's answers to one task's requests, kept across attempts, and the answers the task's other
+    logs hold (other ranks', of this attempt or of an earlier one with another number of processes).
 
     lm-eval has a request cache (simple_evaluate's use_cache: CachingLM), but it commits every answer to
     SQLite as a transaction of its own, writes each answer twice and looks each request up through SQLite's
     thread: 1.76 ms per request on the CI machine, ~100 s of MMLU's 56k requests that the eval stage's energy
     would include. This keeps the answers in a dict under lm-eval's own key (hash_args), takes them from
     HFLM through the same hook (add_partial), and appends the new ones to one file at each checkpoint, which
-    ends with the token counts of everything before it. A file cut short by a kill is read up to its last
-    checkpoint."""
+    ends with the token counts of everything before it in that file. A file cut short by a kill is read up
+    to its last checkpoint.
 
-    def __init__(self, path: Path) -> None:
+    Every log's answers are taken (lm-eval splits the requests by world size: a resume with another number
+    of processes gives a rank requests another rank answered). Each file's tokens are reported once: by the
+    rank that appends to it, and those of a rank no longer in the job (`absent`, of `others`) by rank 0."""
+
+    def __init__(self, path: Path, others: Iterable[Path] = (), absent: Collection[Path] = ()) -> None:
         self.path = path
         self.done: dict[str, Any] = {}
         self.new: list[tuple[str, Any]] = []
-        self.tokens = {"prefill": 0, "decode": 0}  # of the answers in `done`, every attempt's
-        kept, good_bytes = [], 0
+        # of the answers in this rank's file, every attempt's; the next checkpoint's counts start from these
+        self.tokens, good_bytes = self._read(path)
         if path.is_file():
-            with path.open("rb") as records:
-                while True:
-                    try:
-                        record = pickle.load(records)
-                    except (EOFError, pickle.UnpicklingError, ValueError):
-                        break
-                    if record[0] == "answer":
-                        kept.append(record[1:])
-                    else:  # a checkpoint: what came before it is whole
-                        self.done.update(kept)
-                        kept, self.tokens, good_bytes = [], record[1], records.tell()
             with path.open("r+b") as records:
                 records.truncate(good_bytes)  # answers after the last checkpoint are asked again
+        self.absent_tokens = {"prefill": 0, "decode": 0}  # of the `absent` files
+        for other in others:
+            tokens, _ = self._read(other)
+            if other in absent:
+                self.absent_tokens = {kind: self.absent_tokens[kind] + tokens[kind] for kind in tokens}
+
+    def _read(self, path: Path) -> tuple[dict[str, int], int]:
+        """path's answers up to its last checkpoint into `done`; that checkpoint's token counts and offset.
+        (A file another rank is appending to may end in a partial record: it is read up to it.)"""
+        kept, tokens, good_bytes = [], {"prefill": 0, "decode": 0}, 0
+        if not path.is_file():
+            return tokens, good_bytes
+        with path.open("rb") as records:
+            while True:
+                try:
+                    record = pickle.load(records)
+                except (EOFError, pickle.UnpicklingError, ValueError):
+                    break
+                if record[0] == "answer":
+                    kept.append(record[1:])
+                else:  # a checkpoint: what came before it is whole
+                    self.done.update(kept)
+                    kept, tokens, good_bytes = [], record[1], records.tell()
+        return tokens, good_bytes
 
     def add_partial(self, attr: str, request: Any, result: Any) -> None:
         """lm-eval's CacheHook interface: HFLM gives each answer here as it has it."""
@@ -107,8 +125,16 @@ class RequestCache:
     path: Path
     commit_energy: Callable[[], None]
 
-    def log(self, rank: int) -> AnswerLog:
-        return AnswerLog(self.path.with_name(f"{self.path.name}.rank{rank}.answers"))
+    def log(self, rank: int, world_size: int) -> AnswerLog:
+        """Rank `rank`'s log, with every other rank's answers; rank 0 also reports the tokens of the logs
+        of ranks that are not in this job (an earlier attempt had more processes)."""
+        logs = {int(p.name.rsplit(".rank", 1)[1].split(".")[0]): p
+                for p in self.path.parent.glob(f"{self.path.name}.rank*.answers")}  # fmt: skip
+        others = [path for other, path in sorted(logs.items()) if other != rank]
+        absent = [path for other, path in logs.items() if other >= world_size]
+        return AnswerLog(
+            self.path.with_name(f"{self.path.name}.rank{rank}.answers"), others, absent if rank == 0 else ()
+        )
 
 
 @dataclass
@@ -269,12 +295,12 @@ def run_lm_eval(
     _quiet_lm_eval()
     # the job's ranks, or rank 0 alone (distributed.alone()); in one process (0, 1), as HFLM set them
     lm._rank, lm._world_size = distributed.rank(), distributed.world_size()
-    lm.answers = cache.log(lm.rank) if cache is not None else None
-    earlier = lm.answers.tokens if lm.answers is not None else {"prefill": 0, "decode": 0}
+    lm.answers = answers = cache.log(lm.rank, lm.world_size) if cache is not None else None
+    earlier = answers.tokens if answers is not None else {"prefill": 0, "decode": 0}
     # lm's counters minus these are the task's tokens so far, the earlier attempts' included
     prefill, decode = lm.prefill_tokens - earlier["prefill"], lm.decode_tokens - earlier["decode"]
     if cache is not None:
-        lm.set_cache_hook(lm.answers)
+        lm.set_cache_hook(answers)
         lm.between_batches = _committer(lm, cache, prefill, decode)
     try:
         raw = simple_evaluate(
@@ -292,7 +318,10 @@ def run_lm_eval(
     finally:
         lm.set_cache_hook(CacheHook(None))
         lm.answers, lm.between_batches = None, None
-    counts = distributed.all_gather((lm.prefill_tokens - prefill, lm.decode_tokens - decode))
+    absent = answers.absent_tokens if answers is not None else {"prefill": 0, "decode": 0}
+    counts = distributed.all_gather(
+        (lm.prefill_tokens - prefill + absent["prefill"], lm.decode_tokens - decode + absent["decode"])
+    )
     prefill_tokens, decode_tokens = (sum(column) for column in zip(*counts, strict=True))
     if raw is None:  # a rank other than 0: its scores went to rank 0
         return EvalOutcome(metrics={}, results={}, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)

@@ -18,7 +18,8 @@ nor are its tokens: they are eval/<task>/judge_tokens, beside its spend).
 Resume: a finished task's record (`tasks_done/<task>.json`) is written before the next starts, and within
 an lm-eval task the answers are kept with their tokens (`request_cache/`, written between batches every few
 seconds, the energy committed right after: harness.AnswerLog, COMMIT_EVERY_S). A killed stage asks the model
-only what it had not answered; perplexity requests are asked again. The energy an earlier attempt
+only what it had not answered (any rank's answers serve any rank: a resume may have another number of
+processes); perplexity requests are asked again. The energy an earlier attempt
 spent inside a task is in the stage's total and is shared among the tasks like loading time, since a task's
 span covers this attempt's part of it. The cache is removed once every task is done.
 """
