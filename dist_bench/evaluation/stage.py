@@ -17,11 +17,11 @@ nor are its tokens: they are eval/<task>/judge_tokens, beside its spend).
 
 Resume: a finished task's record (`tasks_done/<task>.json`) is written before the next starts, and within
 an lm-eval task the answers are kept with their tokens (`request_cache/`, written between batches every few
-seconds, the energy committed right after: harness.AnswerLog, COMMIT_EVERY_S). A killed stage asks the model
-only what it had not answered (any rank's answers serve any rank: a resume may have another number of
-processes); perplexity requests are asked again. The energy an earlier attempt
-spent inside a task is in the stage's total and is shared among the tasks like loading time, since a task's
-span covers this attempt's part of it. The cache is removed once every task is done.
+seconds, the energy committed right after: harness.AnswerLog, COMMIT_EVERY_S). A killed stage asks the
+model only what it had not answered (any rank's answers serve any rank, so a resume may have another number
+of processes); perplexity requests are asked again. The energy an earlier attempt spent inside a task is in
+the stage's total and is shared among the tasks like loading time, since a task's span covers this
+attempt's part of it. The answer logs are removed once every task is done.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
     plan = task_plan.resolve(cfg.eval)
     out = ctx.stage_dir / "lm_eval"
     done_dir = ctx.stage_dir / "tasks_done"
-    answers = ctx.stage_dir / "request_cache"  # lm-eval's, per task and rank, until every task is done
+    answers = ctx.stage_dir / "request_cache"  # answer logs, per task and rank, until every task is done
     main = distributed.is_main()
     if main:
         done_dir.mkdir(parents=True, exist_ok=True)
