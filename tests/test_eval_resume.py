@@ -153,7 +153,9 @@ def test_a_two_rank_task_killed_midway_resumes_in_one_process_from_both_ranks_an
     read: list[int] = []  # the prefill tokens this process counts
     select = harness.CountingHFLM._select_cont_toks
 
-    def counted(self: harness.CountingHFLM, logits: object, contlen: object = None, inplen: object = None):
+    def counted(
+        self: harness.CountingHFLM, logits: object, contlen: object = None, inplen: object = None
+    ) -> object:
         read.append(inplen or 0)
         return select(self, logits, contlen=contlen, inplen=inplen)
 
@@ -166,14 +168,15 @@ def test_a_two_rank_task_killed_midway_resumes_in_one_process_from_both_ranks_an
 
     run_dir, script = workdir / "killed", workdir / "kill_after_a_commit.py"
     script.write_text(KILL_AFTER_A_COMMIT)
+    # rank 1 dies at its 2nd commit (2 batches on disk), rank 0 at its 3rd or when torchrun stops it
+    env = {**os.environ, "DIE_AT_COMMIT": "3,2", "DIST_BENCH_PROGRESS_EVERY_S": "600"}
+    command = ["eval", "--model", "tinyworld:teacher", *SMALL, *settings, f"output.run_dir={run_dir}"]
     killed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-         "eval", "--model", "tinyworld:teacher", *SMALL, *settings, f"output.run_dir={run_dir}"],
-        cwd=workdir, env={**os.environ, "DIE_AT_COMMIT": "3,2", "DIST_BENCH_PROGRESS_EVERY_S": "600"},
-        capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip  # rank 1 dies at its 2nd commit (2 batches on disk), rank 0 at its 3rd (or when torchrun stops it)
-    assert killed.returncode != 0
+         *command],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode != 0, killed.stderr[-2000:]
     (rank1,) = run_dir.glob("eval/*/request_cache/tiny_mc.rank1.answers")
     rank0 = rank1.with_name("tiny_mc.rank0.answers")
     on_disk = AnswerLog(rank1, [rank0])  # both ranks' answers and rank 1's tokens, up to their checkpoints
@@ -185,9 +188,7 @@ def test_a_two_rank_task_killed_midway_resumes_in_one_process_from_both_ranks_an
     resumed = pipeline.evaluate(
         small_config(workdir, *settings, f"output.run_dir={run_dir}"), "tinyworld:teacher"
     )
-    assert sorted(asked) == sorted(
-        every_request - set(on_disk.done)
-    )  # each unanswered request once, no other
+    assert sorted(asked) == sorted(every_request - set(on_disk.done))  # the unanswered ones, each once
     metrics = resumed.stages[0].metrics
     scores = {k: v for k, v in whole.stages[0].metrics.items() if k.startswith("eval/tiny_mc/acc")}
     assert scores and {k: metrics[k] for k in scores} == scores
