@@ -16,9 +16,10 @@ Goals: student_train tokens/s on 2 GPUs >= 1.8x one GPU; each stage's GPU energy
 counters.
 
 A short warm-up run comes first and is not measured (`--warmup-budget`). On a fresh machine the first run
-was the slow one: 4.4 s more training loop and 5.4 s more logit caching than the same run repeated
-(docs/benchmarks.md, 2026-12-01, pad64 call), likely the Triton kernels compiled on first use and cached on
-disk. Without it, whichever world size runs first pays that alone.
+was the slow one: 4.4 s more training loop and 5.2 s more logit caching than the same run repeated
+(docs/benchmarks.md, 2026-12-01). It is not the Triton kernel cache (a fresh TRITON_CACHE_DIR in a later run
+was as fast as a repeat); it is the first process on the machine. Without the warm-up, whichever world size
+runs first pays that alone.
 """
 
 from __future__ import annotations
