@@ -177,6 +177,7 @@ def main() -> None:
     student = write_model(work / "student", shape, 2)
     write_data(work / "data.jsonl", records, words)
     device = "cpu" if args.smoke else "cuda"
+    budget = 20_000 if args.smoke else args.budget
     config = work / "scale_out.yaml"
     config.write_text(json.dumps({
         "name": "scale-out", "pipeline": "kd",
@@ -184,7 +185,7 @@ def main() -> None:
         "student": {"model": student},
         "data": {"train": str(work / "data.jsonl"), "max_length": 1024},
         "logits": {"top_k": 16, "batch_size": 16, "shard_size": 64},
-        "train": {"token_budget": 20_000 if args.smoke else args.budget, "batch_size": 8,
+        "train": {"token_budget": budget, "batch_size": 8,
                   "grad_accum": args.grad_accum,
                   "device": device, "precision": "fp32" if args.smoke else "bf16", "checkpoint_every": 1000},
         "tracking": {"reuse_stages": False},  # each world size runs every stage itself
@@ -202,8 +203,7 @@ def main() -> None:
     if args.fsdp:  # FSDP2 through TRL's accelerate: the same budget, the student sharded over the 2 GPUs
         runs.append(("nproc_2_fsdp", 2, "2-fsdp", ["train.distributed=fsdp"]))
     if args.warmup_budget:  # first use's one-time costs, paid outside the measured runs
-        budget = min(args.warmup_budget, 20_000 if args.smoke else args.budget)
-        overrides = [f"train.token_budget={budget}", "eval.limit=8"]
+        overrides = [f"train.token_budget={min(args.warmup_budget, budget)}", "eval.limit=8"]
         results["warmup"] = {"wall_s": run_pipeline(1, config, work, "warmup", overrides)}
         results["warmup"]["stages"] = stage_figures(work / "runs-warmup", counters)
     for key, nproc, name, overrides in runs:

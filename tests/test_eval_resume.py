@@ -194,3 +194,61 @@ def test_a_two_rank_task_killed_midway_resumes_in_one_process_from_both_ranks_an
     assert scores and {k: metrics[k] for k in scores} == scores
     # the killed ranks' checkpointed tokens (rank 1's through rank 0, its log no longer appended to) + this run's
     assert metrics["prefill_tokens"] == disk_prefill + sum(read)
+
+
+def test_a_task_with_perplexity_requests_keeps_no_answer_log(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lm-eval gives perplexity (loglikelihood_rolling) answers only at the end of their call while their
+    batches' tokens and energy accrue, so a log committed in or after that call would count work that a
+    resume asks again. A task (here a group) with such requests keeps no log and resumes whole."""
+    monkeypatch.setattr(harness, "COMMIT_EVERY_S", 0.0)  # a checkpoint before every batch that has answers
+    project = Path(__file__).resolve().parent.parent
+    tasks = workdir / "tasks"
+    tasks.mkdir()
+    mc = (project / "configs" / "tasks" / "tiny_mc.yaml").read_text()
+    mc = mc.replace("task: tiny_mc", "task: tiny_mc_copy").replace("../../", f"{project}/")
+    (tasks / "tiny_mc_copy.yaml").write_text(mc)
+    (tasks / "ppl.jsonl").write_text("".join(f'{{"text": "{a} plus {a} is {a + a}."}}\n' for a in range(12)))
+    (tasks / "tiny_ppl.yaml").write_text(
+        textwrap.dedent("""\
+        task: tiny_ppl
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: PPL
+        test_split: test
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list:
+          - metric: word_perplexity
+          - metric: bits_per_byte
+        """).replace("PPL", str(tasks / "ppl.jsonl"))  # absolute: a group's subtasks are indexed by lm-eval
+    )
+    (tasks / "tiny_mixed.yaml").write_text("group: tiny_mixed\ntask:\n  - tiny_ppl\n  - tiny_mc_copy\n")
+    checkpoints: list[Path] = []
+    checkpoint = AnswerLog.checkpoint
+
+    def recorded(self: AnswerLog, tokens: dict[str, int]) -> None:
+        checkpoints.append(self.path)
+        checkpoint(self, tokens)
+
+    monkeypatch.setattr(AnswerLog, "checkpoint", recorded)
+    settings = [f"eval.task_dir={tasks}", "eval.batch_size=2"]
+    alone = pipeline.evaluate(
+        small_config(workdir, *settings, "eval.tasks=[tiny_mc_copy]", f"output.run_dir={workdir / 'mc'}"),
+        "tinyworld:teacher",
+    )
+    assert (
+        checkpoints and "eval/tiny_mc_copy/acc" in alone.stages[0].metrics
+    )  # the multiple choice alone: logged
+
+    checkpoints.clear()
+    mixed = pipeline.evaluate(
+        small_config(workdir, *settings, "eval.tasks=[tiny_mixed]", f"output.run_dir={workdir / 'mixed'}"),
+        "tinyworld:teacher",
+    )
+    metrics = mixed.stages[0].metrics
+    assert "eval/tiny_ppl/word_perplexity" in metrics and "eval/tiny_mc_copy/acc" in metrics, sorted(metrics)
+    assert checkpoints == []  # nothing kept, nothing committed inside it: a resume redoes it whole

@@ -182,8 +182,8 @@ class CountingHFLM(HFLM):
     def _answered(self, kind: str, requests: list[Any], ask: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """The answers an earlier attempt gave, and the model's to the rest (all of them without a log).
         Sampled generations are always asked: a repeat of the same request must not get the same sample.
-        (Perplexity requests, loglikelihood_rolling, are not kept: HFLM's ranks exchange counts inside
-        that call, which a rank with every answer kept would skip.)"""
+        (Perplexity requests, loglikelihood_rolling, do not come here: a task with them has no log,
+        tasks.scored_by_rolling_loglikelihood.)"""
         if self.answers is None or not self.answers.done:  # nothing kept: no lookups
             return ask(requests)
         keys = [hash_args(kind, r.args) for r in requests]

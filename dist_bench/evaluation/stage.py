@@ -19,7 +19,7 @@ Resume: a finished task's record (`tasks_done/<task>.json`) is written before th
 an lm-eval task the answers are kept with their tokens (`request_cache/`, written between batches every few
 seconds, the energy committed right after: harness.AnswerLog, COMMIT_EVERY_S). A killed stage asks the
 model only what it had not answered (any rank's answers serve any rank, so a resume may have another number
-of processes); perplexity requests are asked again. The energy an earlier attempt spent inside a task is in
+of processes). A task with perplexity requests (loglikelihood_rolling) keeps no log and resumes whole. The energy an earlier attempt spent inside a task is in
 the stage's total and is shared among the tasks like loading time, since a task's span covers this
 attempt's part of it. The answer logs are removed once every task is done.
 """
@@ -151,7 +151,8 @@ def evaluate(cfg: RunConfig, ctx: StageContext, model: str, dtype: str) -> Stage
                 manager = manager or task_plan.materialize(plan, ctx.stage_dir, write=False)
             from dist_bench.evaluation.harness import RequestCache, run_lm_eval
 
-            cache = RequestCache(answers / task.name, ctx.commit_energy)
+            rolling = task_plan.scored_by_rolling_loglikelihood(task)
+            cache = None if rolling else RequestCache(answers / task.name, ctx.commit_energy)
             start = _reading(ctx)
             result = run_lm_eval(
                 lm, task.name, manager, cfg.eval, out / task.name, seed=cfg.seed, cache=cache

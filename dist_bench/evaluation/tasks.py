@@ -212,6 +212,19 @@ def ship_nltk_data() -> None:
             nltk.data.path.append(str(NLTK_DATA))
 
 
+def scored_by_rolling_loglikelihood(task: TaskPlan) -> bool:
+    """Some task it runs is a perplexity task (output_type loglikelihood_rolling). lm-eval gives those answers
+    only when the whole call is done, while the tokens and energy of its batches accrue, and its ranks exchange
+    counts inside that call: such a task keeps no answer log and resumes whole (an attempt's work inside it
+    is neither kept nor committed, so it is measured once, by the attempt that finishes it)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return any(
+        load_yaml(path, resolve_func=False).get("output_type") == "loglikelihood_rolling"
+        for _, path in task.subtasks
+    )
+
+
 def data_source(task: TaskPlan) -> str:
     """Where a task's data comes from, in words: eval.data's files, its YAML's own files, or the Hub (cached
     or not), for `--tasks list` and the pre-flight line."""
