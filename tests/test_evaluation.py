@@ -257,3 +257,21 @@ def test_metric_names_drop_filters_unless_they_disambiguate() -> None:
         "gsm8k/flexible-extract/exact_match": 0.6,
         "tiny_mc/acc": 0.25,
     }
+
+
+def test_a_group_of_task_dir_tasks_reads_their_data_relative_to_their_yamls(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group's subtasks reach lm-eval by name, not as configs: their relative data_files must still resolve
+    against their own YAML, whatever the working directory (pre-flight checks them there)."""
+    task_dir = root / "configs" / "grouped"  # as deep as configs/tasks: the YAMLs' ../../ paths still hold
+    shutil.copytree(root / "configs" / "tasks", task_dir, dirs_exist_ok=True)
+    (task_dir / "tiny_both.yaml").write_text("group: tiny_both\ntask:\n  - tiny_arith\n  - tiny_mc\n")
+    monkeypatch.chdir(tmp_path)
+    model = save_model(constant_llama("A"), tmp_path / "model")
+    cfg = EvalConfig(tasks=["tiny_both"], task_dir=str(task_dir), limit=LIMIT, batch_size=8, device="cpu")
+    outcome = run_tasks(model, cfg, tmp_path / "out")
+    mc_docs = eval_docs(root, "mc")[:LIMIT]
+    assert outcome.metrics["tiny_mc/acc"] == pytest.approx(sum(mc_target(d) == " A" for d in mc_docs) / LIMIT)
+    assert outcome.metrics["tiny_arith/exact_match"] == 0.0
+    assert outcome.results["n-samples"]["tiny_arith"]["effective"] == LIMIT

@@ -34,12 +34,10 @@ from lm_eval.utils import handle_non_serializable
 
 from dist_bench import distributed
 from dist_bench.config import EvalConfig
-from dist_bench.evaluation.tasks import ship_nltk_data
+from dist_bench.evaluation.tasks import absolute_data_paths, ship_nltk_data
 from dist_bench.models import pick_device, pick_dtype, resolve_model
 
 ship_nltk_data()  # before any task module imports nltk (IFEval's would download punkt_tab otherwise)
-
-_GLOB_CHARS = set("*?[")
 
 # A killed task resumes from the answers it had given: they are kept as lm-eval's request cache keys them and
 # written to the stage dir, with their token counts, between batches, at most this often; the energy spent
@@ -368,35 +366,10 @@ def task_config(yaml_path: Path) -> dict[str, Any]:
     """A task YAML as a config dict, with relative data_files (and a relative local dataset_path) resolved
     against the YAML's folder, and every local data file checked to exist."""
     cfg = load_yaml(yaml_path, resolve_func=True)
-    kwargs = cfg.get("dataset_kwargs") or {}
-    if kwargs.get("data_files") is not None:
-        kwargs["data_files"] = _map_paths(
-            kwargs["data_files"], lambda p: _data_file(p, yaml_path, cfg["task"])
-        )
+    cfg.update(absolute_data_paths(cfg, yaml_path))
     if isinstance(cfg.get("metadata"), dict):  # provenance: lm-eval records dict tasks as "inline"
         cfg["metadata"]["yaml_path"] = str(yaml_path)
-    dataset_path = str(cfg.get("dataset_path", ""))
-    if dataset_path.startswith(("./", "../")):  # a local dataset folder: also relative to the YAML
-        cfg["dataset_path"] = str((yaml_path.parent / dataset_path).resolve())
     return cfg
-
-
-def _map_paths(files: Any, fn: Callable[[str], str]) -> Any:
-    # data_files may be a path, a list of paths, or a {split: path or list} mapping (datasets' forms).
-    if isinstance(files, dict):
-        return {split: _map_paths(value, fn) for split, value in files.items()}
-    if isinstance(files, list | tuple):
-        return [fn(str(p)) for p in files]
-    return fn(str(files))
-
-
-def _data_file(path: str, yaml_path: Path, task: str) -> str:
-    if "://" in path:  # hf://, s3://, https://: datasets fetches those itself
-        return path
-    resolved = (yaml_path.parent / Path(path).expanduser()).resolve()
-    if not _GLOB_CHARS & set(path) and not resolved.is_file():
-        raise FileNotFoundError(f"task '{task}': data file {resolved} not found (data_files in {yaml_path})")
-    return str(resolved)
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,11 @@ def materialize(plan: Plan, folder: Path, write: bool = True) -> Any:
         for task in plan.lm_eval_tasks:
             for leaf in task.leaves:
                 _write_override(leaf, overrides)
+            replaced = {leaf.task for leaf in task.leaves}
+            if task.kind == "task_dir":
+                for name, yaml_path in task.subtasks:
+                    if name not in replaced:
+                        _write_absolute_paths(name, yaml_path, overrides)
     # lm-eval warns once per replaced task ("overrides existing task"): the replacing is the point here
     index_log = logging.getLogger("lm_eval.tasks._index")
     level = index_log.level
@@ -487,6 +493,64 @@ def _judge_file(name: str, source: str | dict[str, str]) -> Path:
     if not path.is_file():
         raise TaskError(f"eval.data.{name}: {path} is not a file")
     return path
+
+
+# ---- task_dir data paths ----------------------------------------------------------------------------------
+
+_GLOB_CHARS = set("*?[")
+
+
+def absolute_data_paths(cfg: dict[str, Any], yaml_path: Path) -> dict[str, Any]:
+    """The fields of a task_dir task's config that name local data relative to its YAML (dataset_kwargs with
+    data_files, a "./" or "../" dataset_path), made absolute; {} when there are none. lm-eval would resolve
+    them against the working directory. Raises FileNotFoundError naming a data file that is not there."""
+    fields: dict[str, Any] = {}
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if kwargs.get("data_files") is not None:
+        files = _map_paths(kwargs["data_files"], lambda p: _data_file(p, yaml_path, cfg["task"]))
+        if files != kwargs["data_files"]:
+            fields["dataset_kwargs"] = {**kwargs, "data_files": files}
+    dataset_path = str(cfg.get("dataset_path", ""))
+    if dataset_path.startswith(("./", "../")):  # a local dataset folder
+        fields["dataset_path"] = str((yaml_path.parent / dataset_path).resolve())
+    return fields
+
+
+def _map_paths(files: Any, fn: Callable[[str], str]) -> Any:
+    # data_files may be a path, a list of paths, or a {split: path or list} mapping (datasets' forms).
+    if isinstance(files, dict):
+        return {split: _map_paths(value, fn) for split, value in files.items()}
+    if isinstance(files, list | tuple):
+        return [fn(str(p)) for p in files]
+    return fn(str(files))
+
+
+def _data_file(path: str, yaml_path: Path, task: str) -> str:
+    if "://" in path:  # hf://, s3://, https://: datasets fetches those itself
+        return path
+    resolved = (yaml_path.parent / Path(path).expanduser()).resolve()
+    if not _GLOB_CHARS & set(path) and not resolved.is_file():
+        raise FileNotFoundError(f"task '{task}': data file {resolved} not found (data_files in {yaml_path})")
+    return str(resolved)
+
+
+def _write_absolute_paths(task: str, yaml_path: Path, folder: Path) -> None:
+    """A group's task from task_dir reaches lm-eval by name, so it is loaded from its YAML and the YAML's
+    relative paths would be read against the working directory: a YAML that includes it with the paths made
+    absolute takes its place (a single task is handed to lm-eval as a config with them resolved instead)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    fields = absolute_data_paths(load_yaml(yaml_path, resolve_func=False), yaml_path)
+    if not fields:
+        return
+    lines = [
+        f"# Written by dist-bench: task '{task}' of {yaml_path} with its data paths relative to that YAML made absolute.",
+        f"include: {json.dumps(str(yaml_path))}",
+        f"task: {json.dumps(task)}",
+        "tag: []  # the task stays in its groups through lm-eval's own index of the original",
+        *(f"{name}: {json.dumps(value)}" for name, value in fields.items()),
+    ]
+    _write_text_atomic(folder / f"{task}.yaml", "\n".join(lines) + "\n")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
