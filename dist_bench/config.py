@@ -580,7 +580,7 @@ class TrackingConfig(Strict):
     reuse_stages: bool = Field(True, description="reuse a FINISHED stage run with identical inputs")
     log_checkpoints: Literal["none", "last", "all"] = Field(
         "last",
-        description="training checkpoints logged as stage-run artifacts: none, the newest (at the last step: weights and trainer state only), or all",
+        description="training checkpoints logged as stage-run artifacts: none, the newest, or all; the last step's checkpoint holds the weights final_model holds, so only its trainer state and arguments are logged",
     )
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
@@ -600,10 +600,13 @@ def _log_params(run_id: str, params: dict[str, str]) -> None:
 
 
 def _log_artifact(path: Path, name: str) -> None:
+    """A folder's files under artifact path `name`; a file, keeping its own name, in `name`'s folder (the
+    root when `name` has none: outputs such as "train_data" are single files)."""
     if path.is_dir():
         mlflow.log_artifacts(str(path), name)
     else:
-        mlflow.log_artifact(str(path), name if "/" in name else None)
+        folder = PurePosixPath(name).parent
+        mlflow.log_artifact(str(path), None if folder == PurePosixPath(".") else str(folder))
 
 
 def _all_experiment_ids() -> list[str]:

@@ -148,6 +148,31 @@ def test_the_final_model_is_the_last_checkpoint_linked_not_written_again(workdir
     assert tags["dist_bench.fingerprint.final_model"] == expected
 
 
+def test_every_checkpoint_is_logged_once_and_the_last_ones_weights_only_as_the_final_model(
+    workdir: Path,
+) -> None:
+    cfg = small_config(
+        workdir,
+        "pipeline=sft",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "tracking.log_checkpoints=all",
+    )
+    train = pipeline.sft(cfg).stages[0]
+    client = MlflowClient()
+    listed = [a.path for a in client.list_artifacts(train.run_id, "checkpoints")]
+    assert listed == ["checkpoints/checkpoint-2", "checkpoints/checkpoint-4"]
+    earlier = {Path(a.path).name for a in client.list_artifacts(train.run_id, listed[0])}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= earlier  # resumable as it is
+    last = {Path(a.path).name for a in client.list_artifacts(train.run_id, listed[1])}
+    final = {Path(a.path).name for a in client.list_artifacts(train.run_id, "final_model")}
+    assert "model.safetensors" in final and not last & final
+    on_disk = {
+        f.name for f in (train.outputs["final_model"].parent / "checkpoints" / "checkpoint-4").iterdir()
+    }
+    assert last == on_disk - final and "trainer_state.json" in last
+
+
 def test_without_a_checkpoint_to_link_the_final_model_is_saved(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -113,12 +113,6 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
     counts = plan_counts(
         plan, examples, trainer.state.global_step, cfg.train.packing, cfg.train.pad_to_multiple_of
     )
-    newest = last_complete_checkpoint(checkpoints)
-    artifacts = {}
-    if cfg.tracking.log_checkpoints == "last" and newest is not None:
-        artifacts[f"checkpoints/{newest.name}"] = newest
-    elif cfg.tracking.log_checkpoints == "all":
-        artifacts["checkpoints"] = checkpoints
     return StageWork(
         tokens=counts.tokens,
         outputs={"final_model": final_dir},
@@ -141,8 +135,35 @@ def train(cfg: RunConfig, cache_dir: Path | None, ctx: StageContext) -> StageWor
                 "final_save": time.monotonic() - loop_ended,
             },
         },
-        artifacts=artifacts,
+        artifacts=checkpoint_artifacts(checkpoints, final_dir, cfg.tracking.log_checkpoints),
     )
+
+
+def checkpoint_artifacts(checkpoints: Path, final_dir: Path, which: str) -> dict[str, Path]:
+    """The checkpoints tracking.log_checkpoints asks for ("none", "last", "all"), as artifact path -> local path.
+    The last step's checkpoint shares its model files with final_model (hard links, save_final): those are
+    uploaded once, under final_model, and that checkpoint's artifact holds the rest (trainer state and
+    arguments). On a 7B fp32 student the second copy would be 28 GB more to the tracking server."""
+    newest = last_complete_checkpoint(checkpoints)
+    if which == "none" or newest is None:
+        return {}
+    chosen = [newest] if which == "last" else sorted(checkpoints.glob("checkpoint-*/"), key=_step)
+    artifacts: dict[str, Path] = {}
+    for checkpoint in chosen:
+        files = [f for f in checkpoint.iterdir() if not _shared(f, final_dir / f.name)]
+        if len(files) == len(list(checkpoint.iterdir())):
+            artifacts[f"checkpoints/{checkpoint.name}"] = checkpoint
+        else:  # one entry per file: tracking logs a file into its artifact path's folder
+            artifacts.update({f"checkpoints/{checkpoint.name}/{f.name}": f for f in files})
+    return artifacts
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def _shared(file: Path, other: Path) -> bool:
+    return other.exists() and file.samefile(other)
 
 
 def parallelism(trainer: object) -> str:
