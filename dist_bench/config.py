@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = PROJECT_ROOT / "configs" / "base.yaml"
@@ -622,6 +630,8 @@ class RunConfig(Strict):
         TrackingConfig(), description="MLflow experiment, stage reuse, artifacts"
     )
     output: OutputConfig = Field(OutputConfig(), description="where working files go")
+    # dotted key -> "file:line" or "override 'k=v'" it came from (load_config), for pre-flight's messages
+    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -642,6 +652,12 @@ class RunConfig(Strict):
 
     def hash(self) -> str:
         return config_hash(self.model_dump(mode="json"))
+
+    def line_of(self, key: str) -> str | None:
+        """The config file and line ("configs/x.yaml:16") that set the dotted `key`; None for a default or
+        a command-line override (the user's own argument names it)."""
+        where = self._origin.get(key)
+        return where if where is not None and not where.startswith("override ") else None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -670,9 +686,11 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
         key, value = _parse_override(item)
         _merge(merged, _nest(key, value), origin, f"override '{item}'")
     try:
-        return RunConfig.model_validate(merged)
+        cfg = RunConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_one_line(err, origin)) from None
+    cfg._origin = origin
+    return cfg
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -110,6 +111,50 @@ def test_student_with_another_vocabulary_size(tmp_path: Path) -> None:
 def test_unknown_eval_task(tmp_path: Path) -> None:
     done = dist_bench(tmp_path, "kd", "eval.tasks=[tiny_arith,tiny_nope]")
     assert_rejected(done, tmp_path, "eval.tasks:", "'tiny_nope'")
+
+
+def test_a_bad_value_in_a_config_file_is_named_with_its_file_and_line(tmp_path: Path) -> None:
+    """The value came from a file: the line leads with that file and line, as a compiler's would; the names
+    the task folder knows are its top-level ones (not the OLMES group's 140 subtasks)."""
+    text = (PROJECT / "configs" / "experiments" / "tiny_kd.yaml").read_text()
+    config = tmp_path / "experiment.yaml"
+    config.write_text(text.replace("tasks: [tiny_arith, tiny_mc]", "tasks: [tiny_arith, tiny_nope]"))
+    line = config.read_text().splitlines().index("  tasks: [tiny_arith, tiny_nope]") + 1
+    done = dist_bench(
+        tmp_path, "kd", "--config", str(config), f"eval.task_dir={PROJECT / 'configs' / 'tasks'}"
+    )
+    message = assert_rejected(
+        done, tmp_path, f"error: experiment.yaml:{line}: eval.tasks: unknown task 'tiny_nope'"
+    )
+    assert "(known there: olmes, tiny_arith, tiny_mc, and " in message and len(message) < 500
+
+
+def test_energy_devices_must_be_gpus_nvml_has_here(tmp_path: Path) -> None:
+    """Named GPUs that NVML cannot read would leave every stage's GPU energy out of the table, in a tag."""
+    done = dist_bench(tmp_path, "kd", "energy.gpu_devices=[0]")
+    if done.returncode == 0:
+        pytest.skip("this host's NVML reads GPU 0")
+    assert_rejected(done, tmp_path, "energy.gpu_devices: [0]: NVML cannot be read on this host")
+
+
+@pytest.mark.parametrize(
+    ("devices", "culprit"),
+    [
+        ("[0]", None),
+        ("[1]", "energy.gpu_devices: no NVML device 1: this host has 1 (indices 0 to 0)"),
+        ("[0,0]", "energy.gpu_devices: [0, 0] names device 0 twice"),
+    ],
+)
+def test_energy_devices_are_checked_against_nvml(
+    workdir: Path, simulated_gpu: object, devices: str, culprit: str | None
+) -> None:
+    cfg = small_config(workdir, f"energy.gpu_devices={devices}", "pipeline=sft")
+    if culprit is None:
+        checks = preflight.run(cfg, "sft")
+        assert checks[-1].name == "energy.gpu_devices" and "of 1 on this host" in checks[-1].detail
+    else:
+        with pytest.raises(preflight.PreflightError, match=re.escape(culprit)):
+            preflight.run(cfg, "sft")
 
 
 def test_missing_task_folder(tmp_path: Path) -> None:

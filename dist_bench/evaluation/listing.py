@@ -55,16 +55,10 @@ def _listed_names(cfg: EvalConfig) -> list[str]:
     in_groups = {
         leaf for group in own.all_groups for leaf, _ in task_plan._leaves(own, group) if leaf != group
     }
-    nested = {name for group in own.all_groups for name in _member_groups(own, group)}
+    nested = {name for group in own.all_groups for name in task_plan.group_members(own, group)}
     standalone = [name for name in own.all_subtasks if name not in in_groups]
     groups = [name for name in own.all_groups if name not in nested]
     return list(dict.fromkeys([*standalone, *groups, *task_plan.CITED, *cfg.tasks, *cfg.data]))
-
-
-def _member_groups(manager: Any, group: str) -> list[str]:
-    entry = manager.task_index[group]
-    listed = (entry.cfg or {}).get("task", [])
-    return [m for m in (listed if isinstance(listed, list) else [listed]) if isinstance(m, str)]
 
 
 def write_benchmark_summary(runs: list[ParentRun], run_dir: Path) -> Path:

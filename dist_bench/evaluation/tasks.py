@@ -141,7 +141,7 @@ def resolve(cfg: EvalConfig, names: list[str] | None = None) -> Plan:
             tasks.append(TaskPlan(name, "builtin", path, cfg.data.get(name)))
             folders.append(path.parent)
         else:
-            known = ", ".join(sorted(own.all_tasks)) or "none"
+            known = _known_names(own)
             raise TaskError(
                 f"eval.tasks: unknown task '{name}': not a YAML in {folder} (known there: {known}), not one of "
                 f"lm-eval's built-in tasks or groups, not a judge benchmark ({', '.join(JUDGED)})"
@@ -269,6 +269,28 @@ def missing_dependencies(name: str) -> list[str]:
 # ---- a group's subtasks ------------------------------------------------------------------------------------
 
 
+def _known_names(manager: Any) -> str:
+    """The task_dir's names no group there contains, in words: a group's 200 subtasks would make the error
+    line unreadable."""
+    members = {member for group in manager.all_groups for member in group_members(manager, group)}
+    top = sorted(name for name in manager.all_tasks if name not in members)
+    within = len(manager.all_tasks) - len(top)
+    return (", ".join(top) or "none") + (f", and {within} tasks and groups within them" if within else "")
+
+
+def group_members(manager: Any, group: str) -> list[str]:
+    """The names a group's YAML lists (its `task:` entries), without descending."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index[group]
+    cfg = entry.cfg or load_yaml(entry.yaml_path, resolve_func=False)
+    listed = cfg.get("task", [])
+    return [
+        m if isinstance(m, str) else m.get("task", "")
+        for m in (listed if isinstance(listed, list) else [listed])
+    ]
+
+
 def _leaves(manager: Any, name: str) -> list[tuple[str, Path]]:
     """The tasks a task, group or tag name runs: (name, YAML), in order, each once."""
     return [(leaf, path) for leaf, path, _ in _tree(manager, name)]
@@ -277,23 +299,13 @@ def _leaves(manager: Any, name: str) -> list[tuple[str, Path]]:
 def _tree(manager: Any, name: str, within: tuple[str, ...] = ()) -> list[tuple[str, Path, tuple[str, ...]]]:
     """(task, YAML, the groups and tags above it from `name` down) for every task `name` runs, each once."""
     from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
 
     entry = manager.task_index.get(name)
     if entry is None:
         raise TaskError(f"eval.tasks: '{name}' names a task that lm-eval's index does not hold")
     if entry.kind in (Kind.TASK, Kind.PY_TASK):
         return [(name, Path(entry.yaml_path), within)]
-    members: list[str]
-    if entry.kind == Kind.TAG:
-        members = sorted(entry.tags)
-    else:
-        cfg = entry.cfg or load_yaml(entry.yaml_path, resolve_func=False)
-        listed = cfg.get("task", [])
-        members = [
-            m if isinstance(m, str) else m.get("task", "")
-            for m in (listed if isinstance(listed, list) else [listed])
-        ]
+    members = sorted(entry.tags) if entry.kind == Kind.TAG else group_members(manager, name)
     found: dict[str, tuple[Path, tuple[str, ...]]] = {}
     for member in members:
         for leaf, path, chain in _tree(manager, member, (*within, name)):

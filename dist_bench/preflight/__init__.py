@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dist_bench.config import ModelSpec, RunConfig
-from dist_bench.preflight.base import Check, PreflightError
+from dist_bench.preflight.base import Check, PreflightError, located
 from dist_bench.preflight.data import (
     DataScan,
     cache_disk,
@@ -45,6 +45,7 @@ from dist_bench.preflight.models import (
 from dist_bench.preflight.store import (
     DEFAULT_TRACKING_URI,
     device,
+    energy_devices,
     tracking_store,
     tracking_uri,
     training_ranks,
@@ -63,7 +64,17 @@ PIPELINES = ("kd", "sft", "dpo", "generate", "preferences", "cache_logits", "eva
 def run(
     cfg: RunConfig, pipeline: str, *, eval_model: str | None = None, output_dir: Path | None = None
 ) -> list[Check]:
-    """Every check of `pipeline`; the first failure raises PreflightError."""
+    """Every check of `pipeline`; the first failure raises PreflightError, led by the config file and line
+    of the field it names."""
+    try:
+        checks = _checks(cfg, pipeline, eval_model, output_dir)
+        # every stage a pipeline runs measures its energy; report runs none
+        return checks if pipeline == "report" else [*checks, *energy_devices(cfg)]
+    except PreflightError as err:
+        raise located(err, cfg) from None
+
+
+def _checks(cfg: RunConfig, pipeline: str, eval_model: str | None, output_dir: Path | None) -> list[Check]:
     if pipeline == "kd":
         return kd(cfg)
     if pipeline == "sft":

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dist_bench.config import RunConfig
 
 
 class PreflightError(ValueError):
@@ -13,3 +18,18 @@ class PreflightError(ValueError):
 class Check:
     name: str  # the field, option or resource checked
     detail: str  # what was found
+
+
+_LEADING_FIELD = re.compile(
+    r"([a-z_]+(?:\.[A-Za-z0-9_-]+)+)[:=]"
+)  # "data.train: ...", "train.device=cuda: ..."
+
+
+def located(err: PreflightError, cfg: RunConfig) -> PreflightError:
+    """`err` with the config file and line of the field it starts with put first, as compilers do:
+    "configs/x.yaml:16: data.train: /nope.jsonl: not found". Unchanged where the field's value is a default
+    or a command-line override, or the message names no field."""
+    message = str(err)
+    field = _LEADING_FIELD.match(message)
+    where = cfg.line_of(field.group(1)) if field else None
+    return PreflightError(f"{where}: {message}") if where else err

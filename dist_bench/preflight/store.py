@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dist_bench.config import RunConfig
-from dist_bench.preflight.base import Check, PreflightError
+from dist_bench.preflight.base import Check, PreflightError, located
 from dist_bench.redact import redact
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # tracking.py uses the same (it imports mlflow; this must not)
@@ -155,6 +155,37 @@ def device(field: str, requested: str) -> Check:
     return Check(field, f"{requested} ({name})")
 
 
+def energy_devices(cfg: RunConfig) -> list[Check]:
+    """energy.gpu_devices names GPUs this host's NVML has, each once. A wrong index would not stop a stage:
+    its GPU energy would be missing from the table, explained only in a tag; a repeated one counted twice."""
+    indices = cfg.energy.gpu_devices
+    if not cfg.energy.enabled or indices is None:
+        return []
+    from dist_bench.energy import gpu
+
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise PreflightError(f"energy.gpu_devices: {indices} names device {repeated[0]} twice")
+    nvml = gpu.load_nvml()
+    try:
+        nvml.nvmlInit()
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        finally:
+            nvml.nvmlShutdown()
+    except Exception as err:  # pynvml's NVMLError (no driver, no library) or a broken install
+        raise PreflightError(
+            f"energy.gpu_devices: {indices}: NVML cannot be read on this host ({str(err) or type(err).__name__}); "
+            "unset it to measure the GPUs this process uses"
+        ) from None
+    missing = [i for i in indices if not 0 <= i < count]
+    if missing:
+        raise PreflightError(
+            f"energy.gpu_devices: no NVML device {missing[0]}: this host has {count} (indices 0 to {count - 1})"
+        )
+    return [Check("energy.gpu_devices", f"NVML devices {indices} of {count} on this host")]
+
+
 def training_ranks(cfg: RunConfig, ranks: int) -> Check:
     """Several training ranks (--nproc, torchrun): they can share an optimizer step evenly, and FSDP (which
     accelerate applies over GPUs only) has GPUs to shard over."""
@@ -168,8 +199,11 @@ def training_ranks(cfg: RunConfig, ranks: int) -> Check:
         raise PreflightError(str(err)) from None
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cfg.train.distributed == "fsdp" and not cuda:
-        raise PreflightError(
-            "train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train with ddp"
+        raise located(
+            PreflightError(
+                "train.distributed=fsdp: accelerate shards a model over GPUs only; CPU ranks train with ddp"
+            ),
+            cfg,
         )
     return Check("train.distributed", f"{cfg.train.distributed} on {ranks} ranks, each {accumulation} "
                  f"micro-batch(es) of {micro} per step")  # fmt: skip
