@@ -590,6 +590,11 @@ class TrackingConfig(Strict):
         "last",
         description="training checkpoints logged as stage-run artifacts: none, the newest, or all; the last step's checkpoint holds the weights final_model holds, so only its trainer state and arguments are logged",
     )
+    log_logit_cache: bool = Field(
+        False,
+        description="also upload the logit cache's shards as logit_caching artifacts (its manifest always is): "
+        "tens of GB for a real corpus, which the next stages read from output.run_dir, not from MLflow",
+    )
 
 
 class OutputConfig(Strict):

@@ -59,6 +59,7 @@ class StageWork:
     tokens: int
     outputs: dict[str, Path]  # name -> file or dir; logged as artifacts, handed to later stages
     fingerprints: dict[str, str]  # name -> content hash, for the reuse keys of later stages
+    unlogged: tuple[str, ...] = ()  # outputs handed on but not uploaded (too large: say why where it is set)
     metrics: dict[str, float] = field(default_factory=dict)  # stage-specific metrics for the run and parent
     details: dict[str, Any] = field(default_factory=dict)  # extra fields for stages/<stage>.json
     artifacts: dict[str, Path] = field(default_factory=dict)  # artifact dir -> local path, beyond outputs
@@ -411,7 +412,8 @@ def _run(
             {f"dist_bench.fingerprint.{name}": value for name, value in done.fingerprints.items()}
         )
         mlflow.log_dict(summary, f"stages/{stage}.json")
-        for name, path in {**done.outputs, **done.artifacts}.items():
+        logged = {name: path for name, path in done.outputs.items() if name not in done.unlogged}
+        for name, path in {**logged, **done.artifacts}.items():
             _log_artifact(path, name)
         _log_timeline(parent, stage, window, stage_dir)
         rollup.append_results_row(parent, stage, run_id, metrics, energy, tags)

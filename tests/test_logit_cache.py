@@ -75,6 +75,19 @@ def test_the_cache_keeps_the_teachers_distribution_within_its_bound(workdir: Pat
     assert 0 <= metrics["fidelity_kl"] < 1e-4
 
 
+@pytest.mark.parametrize("upload", [False, True])
+def test_the_caches_shards_are_uploaded_only_when_asked_and_its_manifest_always(
+    workdir: Path, upload: bool
+) -> None:
+    parent = pipeline.cache_logits(small_config(workdir, f"tracking.log_logit_cache={str(upload).lower()}"))
+    client = MlflowClient()
+    run_id = parent.stages[0].run_id
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "logit_cache")}
+    assert ("shards" in logged) is upload and "manifest.json" in logged
+    text = client.download_artifacts(run_id, "logit_cache/manifest.json", str(workdir))
+    assert Path(text).read_bytes() == (cache_dir(parent) / "manifest.json").read_bytes()
+
+
 def test_a_version_1_cache_is_still_read_and_an_unknown_one_refused(workdir: Path) -> None:
     folder = workdir / "v1"
     (folder / "shards").mkdir(parents=True)

@@ -97,6 +97,10 @@ def run(parent: ParentRun) -> StageResult:
             tokens=manifest["input_tokens"],
             outputs={"logit_cache": out},
             fingerprints={"logit_cache": "sha256:" + hashlib.sha256(manifest_path.read_bytes()).hexdigest()},
+            # the shards are top-k logits for every supervised position: tens of GB on a real corpus, read by
+            # student_train from the run dir; the manifest records what they hold
+            unlogged=() if cfg.tracking.log_logit_cache else ("logit_cache",),
+            artifacts={} if cfg.tracking.log_logit_cache else {"logit_cache/manifest.json": manifest_path},
             metrics={
                 "supervised_positions": manifest["positions"],
                 "cache_bytes": manifest["bytes"],
