@@ -17,9 +17,9 @@ counters.
 
 A short warm-up run comes first and is not measured (`--warmup-budget`). On a fresh machine the first run
 was the slow one: 4.4 s more training loop and 5.2 s more logit caching than the same run repeated
-(docs/benchmarks.md, 2026-12-01). It is not the Triton kernel cache (a fresh TRITON_CACHE_DIR in a later run
-was as fast as a repeat); it is the first process on the machine. Without the warm-up, whichever world size
-runs first pays that alone.
+(docs/benchmarks.md, 2026-12-01). The cause is the CUDA driver's JIT cache, empty on a fresh machine: a run
+given an empty CUDA_CACHE_PATH on a warm machine was as slow (2026-12-02). Without the warm-up, whichever
+world size runs first pays that alone.
 """
 
 from __future__ import annotations

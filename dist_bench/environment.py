@@ -130,7 +130,19 @@ def cuda_info() -> dict[str, Any]:
         "version": torch.version.cuda,  # the CUDA torch was built with; None for a CPU build
         "cudnn": torch.backends.cudnn.version(),
         "available": torch.cuda.is_available(),
+        "jit_cache": jit_cache(),
     }
+
+
+def jit_cache() -> dict[str, Any]:
+    """The CUDA driver's JIT cache when the run started: its folder and how many bytes it held. Empty (a fresh
+    machine, a container without a persistent home) means the first process pays for kernels compiled at
+    run time: 2.4-2.8 s of a 600 k-token kd training loop on an H200 (docs/benchmarks.md, 2026-12-02)."""
+    if os.environ.get("CUDA_CACHE_DISABLE") == "1":
+        return {"path": None, "bytes": None, "note": "disabled (CUDA_CACHE_DISABLE=1)"}
+    folder = Path(os.environ.get("CUDA_CACHE_PATH") or Path.home() / ".nv" / "ComputeCache")
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    return {"path": str(folder), "bytes": size}
 
 
 def package_versions() -> dict[str, str | None]:

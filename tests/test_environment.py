@@ -44,8 +44,26 @@ def test_snapshot_has_the_keys_and_is_json(snap: dict) -> None:
         "version": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "available": torch.cuda.is_available(),
+        "jit_cache": environment.jit_cache(),
     }
     assert set(snap["git"]) == {"commit", "dirty", "branch"}
+
+
+def test_the_cuda_jit_cache_is_measured_where_cuda_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold cache (a fresh machine) costs the first run seconds: the snapshot says how full it was."""
+    monkeypatch.setenv("CUDA_CACHE_PATH", str(tmp_path / "cache"))
+    assert environment.jit_cache() == {"path": str(tmp_path / "cache"), "bytes": 0}
+    (tmp_path / "cache" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "cache" / "index").write_bytes(b"x" * 100)
+    (tmp_path / "cache" / "a" / "b" / "kernel").write_bytes(b"y" * 23)
+    assert environment.jit_cache()["bytes"] == 123
+    monkeypatch.delenv("CUDA_CACHE_PATH")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert environment.jit_cache()["path"] == str(tmp_path / ".nv" / "ComputeCache")
+    monkeypatch.setenv("CUDA_CACHE_DISABLE", "1")
+    assert environment.jit_cache()["bytes"] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without GPU")
