@@ -20,9 +20,8 @@ class Check:
     detail: str  # what was found
 
 
-_LEADING_FIELD = re.compile(
-    r"([a-z_]+(?:\.[A-Za-z0-9_-]+)+)[:=]"
-)  # "data.train: ...", "train.device=cuda: ..."
+# what a message about a config field starts with: "data.train: ...", "train.device=cuda: ..."
+_LEADING_FIELD = re.compile(r"([a-z_]+(?:\.[A-Za-z0-9_-]+)+)[:=]")
 
 
 def located(err: PreflightError, cfg: RunConfig) -> PreflightError:
