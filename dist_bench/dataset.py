@@ -24,8 +24,9 @@ JSON-lines file, a Parquet/Arrow/JSON file or folder, a `save_to_disk` folder, a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,27 @@ def has_generation_markers(template: str) -> bool:
 
 def load_examples(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[Example]:
     template = chat_template(cfg, tokenizer) if cfg.format == "messages" else None
-    return [encode(record, tokenizer, cfg, template) for record in read_records(cfg)]
+    return list(encode_all(read_records(cfg), tokenizer, cfg, template))
+
+
+def encode_all(
+    records: Iterable[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig,
+    template: str | None = None,
+) -> Iterator[Example]:
+    """`encode` over records, the first one with nothing to learn raising DataError. Prompt/completion pairs are
+    tokenized READ_BATCH at a time: a fast tokenizer's batch call gives each text the ids a call of its own
+    gives, about 4x sooner (pre-flight encodes every record this way, then the stage again)."""
+    if cfg.format == "messages":
+        yield from (encode(record, tokenizer, cfg, template) for record in records)
+        return
+    remaining = iter(records)
+    while batch := list(itertools.islice(remaining, READ_BATCH)):
+        prompts = tokenizer([r.prompt for r in batch], add_special_tokens=True)["input_ids"]
+        completions = tokenizer([r.completion for r in batch], add_special_tokens=False)["input_ids"]
+        for record, prompt_ids, completion_ids in zip(batch, prompts, completions, strict=True):
+            yield _pair_example(record, prompt_ids, completion_ids, tokenizer.eos_token_id, cfg)
 
 
 def encode(
@@ -274,23 +295,20 @@ def encode(
                 "nothing to learn"
             )
         return example
-    example = tokenize(record.prompt, record.completion, tokenizer, cfg)
-    if example is None:
-        raise DataError(f"{record.where}: prompt fills data.max_length={cfg.max_length}; nothing to learn")
-    return example
+    prompt_ids = tokenizer(record.prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
+    return _pair_example(record, prompt_ids, completion_ids, tokenizer.eos_token_id, cfg)
 
 
-def tokenize(
-    prompt: str, completion: str, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
-) -> Example | None:
-    """A prompt/completion pair; None when the prompt fills data.max_length."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = (prompt_ids + completion_ids)[: cfg.max_length]
+def _pair_example(
+    record: Record, prompt_ids: list[int], completion_ids: list[int], eos: int, cfg: DataConfig
+) -> Example:
+    """A prompt/completion pair's tokens, EOS after the completion, cut at data.max_length."""
+    input_ids = (prompt_ids + completion_ids + [eos])[: cfg.max_length]
     # Position 0 has no previous token to predict it from, so targets start at 1 at the earliest.
     first_target = 1 if cfg.supervise == "all" else max(len(prompt_ids), 1)
     if first_target >= len(input_ids):
-        return None
+        raise DataError(f"{record.where}: prompt fills data.max_length={cfg.max_length}; nothing to learn")
     return Example.from_first_target(input_ids, first_target)
 
 

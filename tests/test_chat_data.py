@@ -370,7 +370,7 @@ def test_preflight_scan_and_cache_estimate_for_chats(workdir: Path) -> None:
             f"output.run_dir={workdir / 'runs'}",
         ],
     )
-    scan = preflight.data_records(cfg)
+    scan = preflight.data_records(cfg, trained_on=True)
     assert scan.records == 3 and scan.chat_template == CHATML
     assert (
         "3 records, every one well-formed; the first 3 rendered with the chat template" in scan.check.detail
@@ -387,4 +387,4 @@ def test_preflight_scan_and_cache_estimate_for_chats(workdir: Path) -> None:
         preflight.PreflightError,
         match=r"^data\.chat_template: .*chats\.jsonl:1: row 0: the template is not prefix-stable",
     ):
-        preflight.data_records(cfg)
+        preflight.data_records(cfg, trained_on=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dist_bench.config import DataConfig
-from dist_bench.dataset import DataError, collate, load_examples
+from dist_bench.dataset import DataError, collate, encode, load_examples, read_records
 from dist_bench.tinyworld.tokenizer import build_tokenizer
 
 
@@ -67,3 +67,13 @@ def test_prompt_longer_than_max_length_is_an_error(tmp_path: Path) -> None:
     data = write(tmp_path / "d.jsonl", [{"prompt": "x" * 50, "completion": "y"}])
     with pytest.raises(DataError, match=r"d\.jsonl:1: row 0: prompt fills data.max_length=8"):
         load_examples(DataConfig(train=str(data), max_length=8), build_tokenizer())
+
+
+def test_pairs_tokenized_in_batches_are_the_pairs_tokenized_one_by_one(tmp_path: Path) -> None:
+    """load_examples tokenizes READ_BATCH prompts and completions per call; the ids must be each text's own."""
+    tokenizer = build_tokenizer()
+    rows = [{"prompt": f"Q{i}: " + "ab " * (i % 5), "completion": f" {i}" * (1 + i % 3)} for i in range(2500)]
+    cfg = DataConfig(train=str(write(tmp_path / "d.jsonl", rows)), max_length=26)  # some cut, none empty
+    batched = load_examples(cfg, tokenizer)
+    one_by_one = [encode(record, tokenizer, cfg) for record in read_records(cfg)]
+    assert len(batched) == 2500 and batched == one_by_one

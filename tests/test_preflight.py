@@ -291,6 +291,21 @@ def test_data_line_that_is_not_json(tmp_path: Path) -> None:
     assert_rejected(done, tmp_path, f"data.train: {data}:2: not valid JSON")
 
 
+@pytest.mark.parametrize("pipeline", ["kd", "sft"])
+def test_a_record_far_down_with_nothing_to_learn(tmp_path: Path, pipeline: str) -> None:
+    """Record 1,500 of 1,600 (past the first tokenizer batch): its prompt fills data.max_length, so the
+    stage would stop when it loads the data, after the MLflow runs are open."""
+    data = tmp_path / "train.jsonl"
+    rows = [
+        {"prompt": "What is 1 + 1?" if i != 1499 else "x " * 200, "completion": " 2"} for i in range(1600)
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = PROJECT / "configs" / "experiments" / f"tiny_{pipeline}.yaml"
+    done = dist_bench(tmp_path, pipeline, "--config", str(config), f"data.train={data}", "generation.enabled=false",
+                      f"eval.task_dir={PROJECT / 'configs' / 'tasks'}", "data.max_length=96")  # fmt: skip
+    assert_rejected(done, tmp_path, f"data.train: {data}:1500: row 1499: prompt fills data.max_length=96")
+
+
 def test_data_file_that_does_not_exist(tmp_path: Path) -> None:
     done = dist_bench(tmp_path, "kd", f"data.train={tmp_path / 'nope.jsonl'}")
     assert_rejected(done, tmp_path, "data.train:", "nope.jsonl", "not found")
@@ -395,7 +410,9 @@ def test_planned_cache_size_matches_the_cache_written(workdir: Path) -> None:
     for cover, at_most in (("1.0", True), ("0.9", False)):
         cfg = small_config(workdir, f"logits.cover={cover}")
         teacher = preflight.model_facts(preflight.model_source("teacher.model", cfg.teacher), cfg.teacher)
-        planned = preflight.planned_cache_bytes(cfg, teacher.tokenizer, preflight.data_records(cfg))
+        planned = preflight.planned_cache_bytes(
+            cfg, teacher.tokenizer, preflight.data_records(cfg, trained_on=True)
+        )
         manifest = open_cache(pipeline.cache_logits(cfg).stages[0].outputs["logit_cache"]).manifest
         written, headers = manifest["bytes"], 1000 * len(manifest["shards"])  # safetensors' JSON header
         if at_most:

@@ -111,7 +111,7 @@ def kd(cfg: RunConfig) -> list[Check]:
     teacher_source = model_source("teacher.model", cfg.teacher)
     student_source = model_source("student.model", cfg.student)
     checks += [teacher_source.check, student_source.check]
-    data = data_records(cfg)
+    data = data_records(cfg, trained_on=True)
     checks += [data.check, device("train.device", cfg.train.device), device("eval.device", cfg.eval.device)]
     teacher = model_facts(teacher_source, cfg.teacher)
     student = model_facts(student_source, cfg.student)
@@ -128,7 +128,7 @@ def sft(cfg: RunConfig) -> list[Check]:
         writable_dir("output.run_dir", cfg.output.run_dir),
     ]
     student_source = model_source("student.model", cfg.student)
-    data = data_records(cfg)
+    data = data_records(cfg, trained_on=not cfg.generation.enabled)
     checks += [student_source.check, data.check]
     if cfg.generation.enabled:  # the teacher writes the data first
         checks += teacher_generation(cfg, data)
@@ -148,7 +148,7 @@ def dpo(cfg: RunConfig) -> list[Check]:
     policy_source = model_source("student.model", cfg.student)
     checks.append(policy_source.check)
     if cfg.preferences.method is not None:  # the teacher builds the pairs first
-        data = data_records(cfg)
+        data = data_records(cfg, trained_on=False)
         checks += [data.check, *preference_generation(cfg, data)]
     else:
         checks.append(preference_pairs(cfg))
@@ -160,7 +160,7 @@ def dpo(cfg: RunConfig) -> list[Check]:
 def generate(cfg: RunConfig) -> list[Check]:
     """teacher_generation alone: the teacher, the prompts, the decoding and filter settings."""
     checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
-    data = data_records(cfg)
+    data = data_records(cfg, trained_on=False)
     checks += [data.check, *teacher_generation(cfg, data), device("train.device", cfg.train.device)]
     return checks
 
@@ -173,7 +173,7 @@ def preferences(cfg: RunConfig) -> list[Check]:
             "teacher_vs_student or judge)"
         )
     checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
-    data = data_records(cfg)
+    data = data_records(cfg, trained_on=False)
     return [*checks, data.check, *preference_generation(cfg, data), device("train.device", cfg.train.device)]
 
 
@@ -189,7 +189,7 @@ def pipeline_matches(cfg: RunConfig, pipeline: str) -> Check:
 def cache_logits(cfg: RunConfig) -> list[Check]:
     checks = [tracking_store(), writable_dir("output.run_dir", cfg.output.run_dir)]
     teacher_source = model_source("teacher.model", cfg.teacher)
-    data = data_records(cfg)
+    data = data_records(cfg, trained_on=True)
     checks += [teacher_source.check, data.check, device("train.device", cfg.train.device)]
     teacher = model_facts(teacher_source, cfg.teacher)
     return [*checks, top_k(cfg, teacher), cache_disk(cfg, teacher, data)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,34 +28,44 @@ class DataScan:
     chat_template: str | None = None  # messages format: the template the stages will render with
 
 
-def data_records(cfg: RunConfig) -> DataScan:
+def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
     """Every record the stages will read, parsed as they will parse it: the first bad one is named.
 
-    For the messages format also the chat template (data.chat_template, else the student tokenizer's own:
-    a base model has none), and the first records rendered and masked with it, so that a template the
-    stages would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too.
+    `trained_on`: the student learns from these records as they are (kd, sft without generation), so each is
+    also tokenized as the stages will: a prompt that fills data.max_length leaves nothing to learn. For the
+    messages format, also the chat template (data.chat_template, else the student tokenizer's own: a base
+    model has none), and the first records rendered and masked with it, so that a template the stages
+    would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too. Rendering
+    costs ~2 ms a conversation: all of them would make pre-flight minutes long on a large set.
     """
-    from dist_bench.dataset import chat_template, encode, read_records
+    from dist_bench.dataset import chat_template, encode_all, read_records
     from dist_bench.errors import DataError
 
     sample: list[Any] = []
     count = 0
     template = None
-    try:
-        shown = tinyworld.resolve(cfg.data.train)
-        tokenizer = None
-        if cfg.data.format == "messages":
-            # The student's tokenizer renders and tokenizes the conversations in training (its template,
-            # special tokens); checked before the data, which may take long to read.
-            tokenizer = model_facts(model_source("student.model", cfg.student), cfg.student).tokenizer
-            template = chat_template(cfg.data, tokenizer)
+
+    def scanned() -> Iterator[Any]:
+        nonlocal count
         for record in read_records(cfg.data):
             count += 1
             if len(sample) < TOKENIZE_SAMPLE:
                 sample.append(record)
-        if tokenizer is not None:
-            for record in sample:
-                encode(record, tokenizer, cfg.data, template)
+            yield record
+
+    try:
+        shown = tinyworld.resolve(cfg.data.train)
+        tokenizer = None
+        if cfg.data.format == "messages" or trained_on:
+            # The student's tokenizer renders and tokenizes the records in training (its template, special
+            # tokens); checked before the data, which may take long to read.
+            tokenizer = model_facts(model_source("student.model", cfg.student), cfg.student).tokenizer
+        if cfg.data.format == "messages":
+            template = chat_template(cfg.data, tokenizer)
+        every = trained_on and cfg.data.format != "messages"
+        collections.deque(encode_all(scanned(), tokenizer, cfg.data) if every else scanned(), maxlen=0)
+        if tokenizer is not None and not every:
+            collections.deque(encode_all(sample, tokenizer, cfg.data, template), maxlen=0)
     except (DataError, FileNotFoundError) as err:
         text = str(err)
         raise PreflightError(
@@ -65,6 +77,8 @@ def data_records(cfg: RunConfig) -> DataScan:
     if cfg.data.subset is not None:
         where += f", subset {cfg.data.subset}"
     detail = f"{where} ({count} records, every one well-formed"
+    if trained_on and template is None:
+        detail += f" and within data.max_length={cfg.data.max_length}"
     if template is not None:
         shown_template = cfg.data.chat_template or f"the tokenizer of {cfg.student.model}"
         detail += f"; the first {len(sample)} rendered with the chat template of {shown_template}"
