@@ -291,17 +291,18 @@ def test_data_line_that_is_not_json(tmp_path: Path) -> None:
     assert_rejected(done, tmp_path, f"data.train: {data}:2: not valid JSON")
 
 
-@pytest.mark.parametrize("pipeline", ["kd", "sft"])
-def test_a_record_far_down_with_nothing_to_learn(tmp_path: Path, pipeline: str) -> None:
+@pytest.mark.parametrize(("pipeline", "generation"), [("kd", "false"), ("sft", "false"), ("sft", "true")])
+def test_a_record_far_down_with_nothing_to_learn(tmp_path: Path, pipeline: str, generation: str) -> None:
     """Record 1,500 of 1,600 (past the first tokenizer batch): its prompt fills data.max_length, so the
-    stage would stop when it loads the data, after the MLflow runs are open."""
+    stage would stop when it loads the data, after the MLflow runs are open (with generation: after the
+    teacher has written every completion)."""
     data = tmp_path / "train.jsonl"
     rows = [
         {"prompt": "What is 1 + 1?" if i != 1499 else "x " * 200, "completion": " 2"} for i in range(1600)
     ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = PROJECT / "configs" / "experiments" / f"tiny_{pipeline}.yaml"
-    done = dist_bench(tmp_path, pipeline, "--config", str(config), f"data.train={data}", "generation.enabled=false",
+    done = dist_bench(tmp_path, pipeline, "--config", str(config), f"data.train={data}", f"generation.enabled={generation}",
                       f"eval.task_dir={PROJECT / 'configs' / 'tasks'}", "data.max_length=96")  # fmt: skip
     assert_rejected(done, tmp_path, f"data.train: {data}:1500: row 1499: prompt fills data.max_length=96")
 

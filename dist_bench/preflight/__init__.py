@@ -128,7 +128,7 @@ def sft(cfg: RunConfig) -> list[Check]:
         writable_dir("output.run_dir", cfg.output.run_dir),
     ]
     student_source = model_source("student.model", cfg.student)
-    data = data_records(cfg, trained_on=not cfg.generation.enabled)
+    data = data_records(cfg, trained_on=True)  # or on the teacher's completions of its prompts
     checks += [student_source.check, data.check]
     if cfg.generation.enabled:  # the teacher writes the data first
         checks += teacher_generation(cfg, data)

@@ -31,8 +31,9 @@ class DataScan:
 def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
     """Every record the stages will read, parsed as they will parse it: the first bad one is named.
 
-    `trained_on`: the student learns from these records as they are (kd, sft without generation), so each is
-    also tokenized as the stages will: a prompt that fills data.max_length leaves nothing to learn. For the
+    `trained_on`: the student learns from these records, or from the teacher's completions of their prompts
+    (sft), so each pair is also tokenized as the stages will: a prompt that fills data.max_length leaves
+    nothing to learn, whatever completion follows it. For the
     messages format, also the chat template (data.chat_template, else the student tokenizer's own: a base
     model has none), and the first records rendered and masked with it, so that a template the stages
     would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too. Rendering
