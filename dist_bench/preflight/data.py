@@ -32,12 +32,13 @@ def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
     """Every record the stages will read, parsed as they will parse it: the first bad one is named.
 
     `trained_on`: the student learns from these records, or from the teacher's completions of their prompts
-    (sft), so each pair is also tokenized as the stages will: a prompt that fills data.max_length leaves
-    nothing to learn, whatever completion follows it. For the
-    messages format, also the chat template (data.chat_template, else the student tokenizer's own: a base
-    model has none), and the first records rendered and masked with it, so that a template the stages
-    would refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too. Rendering
-    costs ~2 ms a conversation: all of them would make pre-flight minutes long on a large set.
+    (sft), so each prompt/completion pair is also tokenized as the stages will: a prompt that fills
+    data.max_length leaves nothing to learn, whatever completion follows it.
+
+    For the messages format, the chat template (data.chat_template, else the student tokenizer's own: a base
+    model has none), and the first records rendered and masked with it, so that a template the stages would
+    refuse (not valid Jinja, not prefix-stable, marking no assistant tokens) stops here too. Rendering costs
+    ~2 ms a conversation: all of them would make pre-flight minutes long on a large set.
     """
     from dist_bench.dataset import chat_template, encode_all, read_records
     from dist_bench.errors import DataError
@@ -63,9 +64,9 @@ def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
             tokenizer = model_facts(model_source("student.model", cfg.student), cfg.student).tokenizer
         if cfg.data.format == "messages":
             template = chat_template(cfg.data, tokenizer)
-        every = trained_on and cfg.data.format != "messages"
-        collections.deque(encode_all(scanned(), tokenizer, cfg.data) if every else scanned(), maxlen=0)
-        if tokenizer is not None and not every:
+        every_pair = trained_on and cfg.data.format != "messages"
+        collections.deque(encode_all(scanned(), tokenizer, cfg.data) if every_pair else scanned(), maxlen=0)
+        if tokenizer is not None and not every_pair:
             collections.deque(encode_all(sample, tokenizer, cfg.data, template), maxlen=0)
     except (DataError, FileNotFoundError) as err:
         text = str(err)
