@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ class DataScan:
     sample: list[Any]  # dataset.Record of the first few, parsed as the stages parse them, for estimates
     check: Check
     chat_template: str | None = None  # messages format: the template the stages will render with
+    # supervised positions of each sample record, where the scan tokenized them (the logit cache's estimate)
+    sample_supervised: list[int] = field(default_factory=list)
 
 
 def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
@@ -44,6 +46,7 @@ def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
     from dist_bench.errors import DataError
 
     sample: list[Any] = []
+    sample_supervised: list[int] = []
     count = 0
     template = None
 
@@ -65,9 +68,13 @@ def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
         if cfg.data.format == "messages":
             template = chat_template(cfg.data, tokenizer)
         every_pair = trained_on and cfg.data.format != "messages"
-        collections.deque(encode_all(scanned(), tokenizer, cfg.data) if every_pair else scanned(), maxlen=0)
-        if tokenizer is not None and not every_pair:
-            collections.deque(encode_all(sample, tokenizer, cfg.data, template), maxlen=0)
+        if not every_pair:
+            collections.deque(scanned(), maxlen=0)
+        if tokenizer is not None:
+            examples = encode_all(scanned() if every_pair else sample, tokenizer, cfg.data, template)
+            for at, example in enumerate(examples):
+                if at < TOKENIZE_SAMPLE:
+                    sample_supervised.append(example.supervised_tokens)
     except (DataError, FileNotFoundError) as err:
         text = str(err)
         raise PreflightError(
@@ -84,7 +91,7 @@ def data_records(cfg: RunConfig, trained_on: bool) -> DataScan:
     if template is not None:
         shown_template = cfg.data.chat_template or f"the tokenizer of {cfg.student.model}"
         detail += f"; the first {len(sample)} rendered with the chat template of {shown_template}"
-    return DataScan(count, sample, Check("data.train", detail + ")"), template)
+    return DataScan(count, sample, Check("data.train", detail + ")"), template, sample_supervised)
 
 
 def teacher_generation(cfg: RunConfig, data: DataScan) -> list[Check]:
@@ -289,17 +296,11 @@ def _size(n_bytes: float) -> str:
 
 
 def planned_cache_bytes(cfg: RunConfig, tokenizer: Any, data: DataScan) -> int:
-    """The logit cache's size, from the supervised positions of the first records (see logit_cache.py)."""
-    from dist_bench.dataset import encode
-    from dist_bench.errors import DataError
+    """The logit cache's size, from the supervised positions of the first records (see logit_cache.py), as the
+    data scan tokenized them (`data_records(cfg, trained_on=True)`)."""
     from dist_bench.teacher import cache_format
 
-    positions = []
-    for record in data.sample:
-        try:
-            positions.append(encode(record, tokenizer, cfg.data, data.chat_template).supervised_tokens)
-        except DataError:  # nothing to learn in this record: the stage says so; here it adds no positions
-            positions.append(0)
+    positions = data.sample_supervised
     mean_positions = sum(positions) / max(len(positions), 1)
     # at most: a position keeps between one and top_k tokens (cache_format.py)
     bytes_per_position = cache_format.bytes_per_position(cfg.logits.top_k, max(len(tokenizer), 2))

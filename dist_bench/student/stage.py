@@ -150,8 +150,9 @@ def checkpoint_artifacts(checkpoints: Path, final_dir: Path, which: str) -> dict
     chosen = [newest] if which == "last" else sorted(checkpoints.glob("checkpoint-*/"), key=_step)
     artifacts: dict[str, Path] = {}
     for checkpoint in chosen:
-        files = [f for f in checkpoint.iterdir() if not _shared(f, final_dir / f.name)]
-        if len(files) == len(list(checkpoint.iterdir())):
+        entries = list(checkpoint.iterdir())
+        files = [f for f in entries if not _shared(f, final_dir / f.name)]
+        if len(files) == len(entries):
             artifacts[f"checkpoints/{checkpoint.name}"] = checkpoint
         else:  # one entry per file: tracking logs a file into its artifact path's folder
             artifacts.update({f"checkpoints/{checkpoint.name}/{f.name}": f for f in files})
