@@ -63,6 +63,14 @@ def small_config(workdir: Path, *overrides: str) -> RunConfig:
     return load_config(None, [*SMALL, f"output.run_dir={workdir / 'runs'}", *overrides])
 
 
+def bare_environment(**values: str) -> dict[str, str]:
+    """A child process's environment: `values` over PATH alone, so that nothing of this shell's (an MLflow
+    URI, a Hugging Face cache) leaks in; PYTHONPATH too where it is set, for a checkout that runs uninstalled
+    (the GPU image imports the project from PYTHONPATH)."""
+    kept = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
+    return {**kept, **values}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

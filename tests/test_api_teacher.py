@@ -19,7 +19,7 @@ from api_server import ApiServer, Behaviour
 from mlflow.tracking import MlflowClient
 from test_preflight import assert_rejected, dist_bench
 
-from conftest import PROJECT, SMALL, small_config
+from conftest import PROJECT, SMALL, bare_environment, small_config
 from dist_bench import pipeline
 from dist_bench.redact import redact, treat_as_secret
 from dist_bench.teacher import generation
@@ -293,14 +293,13 @@ def test_dry_run_prints_the_plan_and_spends_nothing(tmp_path: Path, key: str) ->
 
 
 def _start(folder: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    environment = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(folder),
-        "HF_HOME": str(folder / "hf-home"),
-        "HF_HUB_OFFLINE": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+    environment = bare_environment(
+        HOME=str(folder),
+        HF_HOME=str(folder / "hf-home"),
+        HF_HUB_OFFLINE="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
         **env,
-    }
+    )
     return subprocess.Popen([sys.executable, "-m", "dist_bench", *args], cwd=folder, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT, free_port, small_config, store_outside_the_checkout
+from conftest import PROJECT, bare_environment, free_port, small_config, store_outside_the_checkout
 from dist_bench import preflight, tinyworld
 from dist_bench.teacher.cache_format import open_cache
 
@@ -35,14 +35,13 @@ def dist_bench(
     folder: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`python -m dist_bench args` in `folder`, with a store of its own there and the Hub off limits."""
-    environment = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(folder),
-        "HF_HOME": str(folder / "hf-home"),  # an empty Hugging Face cache
-        "HF_HUB_OFFLINE": "1",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+    environment = bare_environment(
+        HOME=str(folder),
+        HF_HOME=str(folder / "hf-home"),  # an empty Hugging Face cache
+        HF_HUB_OFFLINE="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
         **(env or {}),
-    }
+    )
     return subprocess.run(
         [sys.executable, "-m", "dist_bench", *args],
         cwd=folder,
@@ -349,7 +348,7 @@ def test_unbalanced_quote_in_mlproject_overrides(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(PROJECT / "entry_points" / "kd.py"), "--overrides", "name='unclosed seed=3"],
         cwd=tmp_path,
-        env={"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        env=bare_environment(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
         capture_output=True,
         text=True,
         timeout=120,

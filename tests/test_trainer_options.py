@@ -213,7 +213,8 @@ def test_dpo_pads_to_the_multiple_and_computes_the_same_steps(
 
     monkeypatch.setattr(DataCollatorForPreference, "torch_call", recorded)
     pairs = write_pairs(workdir)
-    steps = ["train.max_steps=2", "train.log_every=1"]
+    # collated in this process, where `widths` is: on CUDA, unset means two DataLoader worker processes
+    steps = ["train.max_steps=2", "train.log_every=1", "train.dataloader_workers=0"]
     plain = pipeline.dpo(dpo_config(workdir, pairs, *steps)).stages[0].metrics
     assert any(width % 16 for width in widths)  # without the setting some batch is not a multiple
     widths.clear()
