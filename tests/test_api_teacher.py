@@ -293,13 +293,13 @@ def test_dry_run_prints_the_plan_and_spends_nothing(tmp_path: Path, key: str) ->
 
 
 def _start(folder: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    environment = bare_environment(
-        HOME=str(folder),
-        HF_HOME=str(folder / "hf-home"),
-        HF_HUB_OFFLINE="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
-        **env,
-    )
+    defaults = {
+        "HOME": str(folder),
+        "HF_HOME": str(folder / "hf-home"),
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+    }
+    environment = bare_environment(**{**defaults, **env})  # `env` wins over the defaults
     return subprocess.Popen([sys.executable, "-m", "dist_bench", *args], cwd=folder, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 

@@ -35,13 +35,13 @@ def dist_bench(
     folder: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`python -m dist_bench args` in `folder`, with a store of its own there and the Hub off limits."""
-    environment = bare_environment(
-        HOME=str(folder),
-        HF_HOME=str(folder / "hf-home"),  # an empty Hugging Face cache
-        HF_HUB_OFFLINE="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
-        **(env or {}),
-    )
+    defaults = {
+        "HOME": str(folder),
+        "HF_HOME": str(folder / "hf-home"),  # an empty Hugging Face cache
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
+    }
+    environment = bare_environment(**{**defaults, **(env or {})})  # `env` wins over the defaults
     return subprocess.run(
         [sys.executable, "-m", "dist_bench", *args],
         cwd=folder,
